@@ -1,0 +1,370 @@
+"""Hugging Face checkpoints <-> NNX state, without torch.
+
+Reads config.json and safetensors (one file or shards with an index) from a local
+directory. Safetensors files are memory-mapped and each tensor is placed straight onto its
+target sharding with `jax.make_array_from_callback`, so each device reads only its slice and
+a checkpoint never needs two full copies in host memory. One regex table per model maps
+Hugging Face names to our parameter paths (which keep Hugging Face names); the only
+transforms are transposes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from frameselect_jax import sharding as shd
+from frameselect_jax.models.layers import iter_dense
+from frameselect_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from frameselect_jax.models.selector import Selector, SelectorConfig
+from frameselect_jax.models.siglip import SiglipVisionConfig, SiglipVisionModel
+
+# --- Presets: the published hyperparameters (a directory's config.json wins over these) ---
+
+QWEN2_PRESETS = {
+    "qwen2.5-0.5b": Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                num_hidden_layers=24, num_attention_heads=14,
+                                num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                num_hidden_layers=28, num_attention_heads=12,
+                                num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-7b": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                              num_hidden_layers=28, num_attention_heads=28,
+                              num_key_value_heads=4, tie_word_embeddings=False),
+    # For CPU tests and demos only.
+    "tiny": Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+}
+SIGLIP_PRESETS = {
+    "siglip-base-patch16-224": SiglipVisionConfig(hidden_size=768, intermediate_size=3072,
+                                                  num_hidden_layers=12, num_attention_heads=12,
+                                                  image_size=224, patch_size=16),
+    "siglip-large-patch16-256": SiglipVisionConfig(hidden_size=1024, intermediate_size=4096,
+                                                   num_hidden_layers=24, num_attention_heads=16,
+                                                   image_size=256, patch_size=16),
+    "siglip-so400m-patch14-384": SiglipVisionConfig(hidden_size=1152, intermediate_size=4304,
+                                                    num_hidden_layers=27, num_attention_heads=16,
+                                                    image_size=384, patch_size=14),
+    "tiny": SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, image_size=56, patch_size=8),
+}
+
+
+def preset(table: dict, name: str):
+  if name not in table:
+    raise ValueError(f"unknown preset {name!r}; known: {sorted(table)}")
+  return table[name]
+
+
+# --- config.json ---
+
+QWEN2_ARCHITECTURES = {"Qwen2ForCausalLM", "Qwen2Model"}
+SIGLIP_MODEL_TYPES = {"siglip", "siglip_vision_model"}
+
+
+def read_config_json(directory: str) -> dict:
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{directory!r} has no config.json")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _pick_fields(cls, values: dict):
+  names = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+def qwen2_config_from_hf(hf: dict) -> Qwen2Config:
+  archs = set(hf.get("architectures") or [])
+  if hf.get("model_type") != "qwen2" or (archs and not archs & QWEN2_ARCHITECTURES):
+    raise ValueError(f"unsupported LLM architecture: model_type={hf.get('model_type')!r}, "
+                     f"architectures={sorted(archs)}; expected qwen2 / Qwen2ForCausalLM")
+  values = dict(hf)
+  rope = hf.get("rope_parameters") or {}
+  if "rope_theta" not in values and "rope_theta" in rope:
+    values["rope_theta"] = rope["rope_theta"]
+  if rope.get("rope_type", "default") != "default" or (hf.get("rope_scaling") or {}):
+    raise ValueError(f"unsupported rope scaling {rope or hf.get('rope_scaling')}; only default RoPE")
+  return _pick_fields(Qwen2Config, values).validate()
+
+
+def siglip_config_from_hf(hf: dict) -> SiglipVisionConfig:
+  if hf.get("model_type") not in SIGLIP_MODEL_TYPES:
+    raise ValueError(f"unsupported vision architecture: model_type={hf.get('model_type')!r}; "
+                     f"expected one of {sorted(SIGLIP_MODEL_TYPES)}")
+  values = hf.get("vision_config", hf) if hf["model_type"] == "siglip" else hf
+  return _pick_fields(SiglipVisionConfig, values).validate()
+
+
+def qwen2_config_to_hf(cfg: Qwen2Config) -> dict:
+  return {
+      "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+      "num_attention_heads": cfg.num_attention_heads,
+      "num_key_value_heads": cfg.num_key_value_heads, "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_word_embeddings,
+      "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": "silu",
+      "torch_dtype": "float32", "use_sliding_window": False,
+  }
+
+
+# --- safetensors, memory-mapped (no torch; bfloat16 through ml_dtypes) ---
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
+  """Tensor name -> read-only memory-mapped array (nothing is read until sliced)."""
+  with open(path, "rb") as f:
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(header_len))
+  tensors = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
+    shape = tuple(info["shape"])
+    tensors[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start,
+                              shape=shape) if end > start else np.zeros(shape, dtype)
+  return tensors
+
+
+def read_safetensors(directory: str) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint directory: model.safetensors, or shards listed in the index."""
+  index = os.path.join(directory, "model.safetensors.index.json")
+  single = os.path.join(directory, "model.safetensors")
+  if os.path.isfile(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.isfile(single):
+    files = ["model.safetensors"]
+  else:
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+      raise FileNotFoundError(f"{directory!r} has no model.safetensors, no "
+                              "model.safetensors.index.json and no *.safetensors shards")
+  tensors = {}
+  for name in files:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"shard {name} listed in the index is missing from {directory!r}")
+    tensors.update(_read_safetensors_file(path))
+  return tensors
+
+
+# --- name tables: (Hugging Face regex, our dotted path template, transform) ---
+
+def _transpose(x):
+  return x.T
+
+
+def _conv_to_hwio(x):  # torch Conv2d (out, in, kh, kw) -> (kh, kw, in, out)
+  return x.transpose(2, 3, 1, 0)
+
+
+QWEN2_RULES: list[tuple[str, str, Callable | None]] = [
+    (r"model\.embed_tokens\.weight", r"model.embed_tokens.embedding", None),
+    (r"(model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj)\.weight", r"\1.kernel", _transpose),
+    (r"(model\.layers\.\d+\.self_attn\.[qkv]_proj)\.bias", r"\1.bias", None),
+    (r"(model\.layers\.\d+\.\w+_layernorm)\.weight", r"\1.weight", None),
+    (r"model\.norm\.weight", r"model.norm.weight", None),
+    (r"lm_head\.weight", r"lm_head.kernel", _transpose),
+]
+SIGLIP_RULES: list[tuple[str, str, Callable | None]] = [
+    (r"(?:vision_model\.)?embeddings\.patch_embedding\.weight",
+     r"embeddings.patch_embedding.kernel", _conv_to_hwio),
+    (r"(?:vision_model\.)?embeddings\.patch_embedding\.bias", r"embeddings.patch_embedding.bias", None),
+    (r"(?:vision_model\.)?embeddings\.position_embedding\.weight",
+     r"embeddings.position_embedding.embedding", None),
+    (r"(?:vision_model\.)?(encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d))\.weight",
+     r"\1.kernel", _transpose),
+    (r"(?:vision_model\.)?(encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d))\.bias", r"\1.bias", None),
+    (r"(?:vision_model\.)?(encoder\.layers\.\d+\.layer_norm\d|post_layernorm)\.(weight|bias)",
+     r"\1.\2", None),
+]
+# SiglipModel checkpoints prefix the tower with "vision_model."; transformers 5 saves a
+# SiglipVisionModel without it. Both load.
+# Present in real checkpoints, not used by the selector: SigLIP's attention-pooling head and
+# text tower; position_ids buffers.
+SIGLIP_IGNORED = r"(?:vision_model\.)?head\..*|text_model\..*|logit_(scale|bias)|.*position_ids"
+QWEN2_IGNORED = r".*rotary_emb\.inv_freq"
+
+
+def _path_key(path) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def _load_into(abstract_state, tensors: dict[str, np.ndarray], rules, ignored: str,
+               mesh: Mesh | None, source: str, tied: bool = False):
+  """Fills an abstract NNX state from checkpoint tensors, each placed on its sharding."""
+  targets = {_path_key(p): v for p, v in nnx.to_flat_state(abstract_state)}
+  found: dict[str, tuple[str, Callable | None]] = {}
+  unexpected = []
+  for name in tensors:
+    for pattern, template, transform in rules:
+      if re.fullmatch(pattern, name):
+        found[re.sub(pattern, template, name)] = (name, transform)
+        break
+    else:
+      if not re.fullmatch(ignored, name) and not (tied and name == "lm_head.weight"):
+        unexpected.append(name)
+  missing = sorted(t for t in targets if t not in found)
+  extra = sorted(unexpected + [found[t][0] for t in found if t not in targets])
+  if missing or extra:
+    raise ValueError(f"checkpoint {source!r} does not match the model:\n"
+                     f"  missing tensors for: {missing}\n  unexpected tensors: {extra}")
+  device = NamedSharding(shd.make_mesh(1, 1, 1, jax.devices()[:1]), P())
+  filled = []
+  for key, variable in targets.items():
+    name, transform = found[key]
+    array = tensors[name] if transform is None else transform(tensors[name])
+    expected = tuple(variable.value.shape)
+    if tuple(array.shape) != expected:
+      raise ValueError(f"{source!r}: tensor {name} has shape {tuple(array.shape)} after "
+                       f"conversion, expected {expected} for {key}")
+    if mesh is None:
+      sharding = device
+    else:
+      sharding = NamedSharding(mesh, shd.logical_to_spec(shd.variable_axes(variable),
+                                                         expected, mesh))
+    dtype = variable.value.dtype
+    value = jax.make_array_from_callback(
+        expected, sharding, lambda index, a=array: np.asarray(a[index], dtype=dtype))
+    filled.append((tuple(int(p) if p.isdigit() else p for p in key.split(".")),
+                   variable.replace(value)))
+  return nnx.from_flat_state(filled)
+
+
+def load_qwen2(directory: str, *, preset_name: str | None = None, dtype=jnp.float32,
+               mesh: Mesh | None = None) -> Qwen2ForCausalLM:
+  """Qwen2ForCausalLM (Qwen2 / Qwen2.5) from a local Hugging Face directory."""
+  cfg = _config_or_preset(directory, preset_name, QWEN2_PRESETS, qwen2_config_from_hf)
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+  state = _load_into(abstract, read_safetensors(directory), QWEN2_RULES, QWEN2_IGNORED, mesh,
+                     directory, tied=cfg.tie_word_embeddings)
+  return nnx.merge(graphdef, state)
+
+
+def load_siglip(directory: str, *, preset_name: str | None = None, dtype=jnp.float32,
+                mesh: Mesh | None = None) -> SiglipVisionModel:
+  """The vision tower of SiglipVisionModel or SiglipModel from a local directory."""
+  cfg = _config_or_preset(directory, preset_name, SIGLIP_PRESETS, siglip_config_from_hf)
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: SiglipVisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+  state = _load_into(abstract, read_safetensors(directory), SIGLIP_RULES, SIGLIP_IGNORED, mesh,
+                     directory)
+  return nnx.merge(graphdef, state)
+
+
+def _config_or_preset(directory, preset_name, presets, from_hf):
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+  if os.path.isfile(os.path.join(directory, "config.json")):
+    return from_hf(read_config_json(directory))
+  if preset_name is None:
+    raise FileNotFoundError(f"{directory!r} has no config.json and no preset was given "
+                            f"(known presets: {sorted(presets)})")
+  return preset(presets, preset_name)
+
+
+def selector_from_hf(llm_dir: str, vision_dir: str, *, num_candidates: int = 128,
+                     pool_grid: int = 3, dtype: str = "float32", remat: bool = False,
+                     mesh: Mesh | None = None, seed: int = 0) -> Selector:
+  """A Selector whose LLM and vision tower come from Hugging Face directories; the projector,
+  score query and score head are freshly initialised (untrained)."""
+  llm = load_qwen2(llm_dir, mesh=mesh)
+  vision = load_siglip(vision_dir, mesh=mesh)
+  cfg = SelectorConfig(vision=vision.config, llm=llm.config, num_candidates=num_candidates,
+                       pool_grid=pool_grid, dtype=dtype, remat=remat)
+  make = lambda: Selector(cfg, rngs=nnx.Rngs(seed))
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  is_backbone = lambda path, _: path[0] in ("llm", "vision_tower")
+  head_abstract = nnx.filter_state(abstract, nnx.Not(is_backbone))
+  shardings = (shd.state_shardings(head_abstract, mesh) if mesh is not None else None)
+  # Only the head is returned, so XLA drops the backbone's random init.
+  head = jax.jit(lambda: nnx.filter_state(nnx.state(make()), nnx.Not(is_backbone)),
+                 out_shardings=shardings)()
+  state = nnx.merge_state(head, nnx.State({"llm": nnx.state(llm),
+                                           "vision_tower": nnx.state(vision)}))
+  return nnx.merge(graphdef, state)
+
+
+def load_tokenizer(directory: str):
+  """transformers AutoTokenizer from a local directory (never downloads)."""
+  from transformers import AutoTokenizer
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"tokenizer directory {directory!r} does not exist")
+  return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+# --- export ---
+
+def qwen2_to_hf_tensors(model: Qwen2ForCausalLM) -> dict[str, np.ndarray]:
+  """Hugging Face-named float32 tensors of our Qwen2 (LoRA adapters merged, model untouched)."""
+  inverse = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if isinstance(variable, nnx.LoRAParam):
+      continue
+    inverse[_path_key(path)] = np.asarray(jax.device_get(variable.value), np.float32)
+  for path, dense in _lora_denses(model):
+    key = f"{path}.kernel"
+    delta = dense.lora_scale * (np.asarray(dense.lora_a.value) @ np.asarray(dense.lora_b.value))
+    inverse[key] = inverse[key] + delta
+  tensors = {}
+  for key, value in inverse.items():
+    name, transform = _hf_name(key)
+    tensors[name] = np.ascontiguousarray(value if transform is None else transform(value))
+  return tensors
+
+
+def _lora_denses(model):
+  return [(p, d) for p, d in iter_dense(model) if d.lora_a is not None]
+
+
+# Our path -> Hugging Face name, the QWEN2_RULES read backwards (transposes are their own inverse).
+_QWEN2_EXPORT = [
+    (r"model\.embed_tokens\.embedding", r"model.embed_tokens.weight", None),
+    (r"(.*_proj)\.kernel", r"\1.weight", _transpose),
+    (r"(.*_proj)\.bias", r"\1.bias", None),
+    (r"(.*norm)\.weight", r"\1.weight", None),
+    (r"lm_head\.kernel", r"lm_head.weight", _transpose),
+]
+
+
+def _hf_name(key: str):
+  for pattern, template, transform in _QWEN2_EXPORT:
+    if re.fullmatch(pattern, key):
+      return re.sub(pattern, template, key), transform
+  raise ValueError(f"no Hugging Face name for parameter {key}")
+
+
+def save_qwen2(model: Qwen2ForCausalLM, directory: str) -> None:
+  """Writes config.json and model.safetensors that transformers' Qwen2ForCausalLM loads."""
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(qwen2_config_to_hf(model.config), f, indent=2)
+  save_file(qwen2_to_hf_tensors(model), os.path.join(directory, "model.safetensors"),
+            metadata={"format": "pt"})

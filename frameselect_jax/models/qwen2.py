@@ -1,0 +1,159 @@
+"""Qwen2 / Qwen2.5 decoder (Qwen2ForCausalLM) in Flax NNX, with Hugging Face parameter names.
+
+Module tree: model.embed_tokens, model.layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
+post_attention_layernorm, mlp.{gate,up,down}_proj}, model.norm, lm_head (absent when tied).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from frameselect_jax.models.layers import (Dense, Embed, RMSNorm, apply_rope, causal_mask,
+                                           dot_product_attention, rope_cos_sin)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+  vocab_size: int = 151936
+  hidden_size: int = 1536
+  intermediate_size: int = 8960
+  num_hidden_layers: int = 28
+  num_attention_heads: int = 12
+  num_key_value_heads: int = 2
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1e6
+  tie_word_embeddings: bool = True
+  max_position_embeddings: int = 32768
+
+  @property
+  def head_dim(self):
+    return self.hidden_size // self.num_attention_heads
+
+  def validate(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} not divisible by "
+                       f"num_attention_heads {self.num_attention_heads}")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"num_attention_heads {self.num_attention_heads} not divisible by "
+                       f"num_key_value_heads {self.num_key_value_heads}")
+    return self
+
+
+class Qwen2Attention(nnx.Module):
+
+  def __init__(self, cfg: Qwen2Config, *, dtype, rngs):
+    d, hd = cfg.hidden_size, cfg.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = (
+        cfg.num_attention_heads, cfg.num_key_value_heads, hd)
+    self.q_proj = Dense(d, cfg.num_attention_heads * hd, axes=("embed", "q_heads"),
+                        dtype=dtype, rngs=rngs)
+    self.k_proj = Dense(d, cfg.num_key_value_heads * hd, axes=("embed", "kv_heads"),
+                        dtype=dtype, rngs=rngs)
+    self.v_proj = Dense(d, cfg.num_key_value_heads * hd, axes=("embed", "kv_heads"),
+                        dtype=dtype, rngs=rngs)
+    self.o_proj = Dense(cfg.num_attention_heads * hd, d, axes=("q_heads", "embed"),
+                        use_bias=False, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask):
+    b, s, _ = x.shape
+    q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = dot_product_attention(q, k, v, mask)
+    return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class Qwen2MLP(nnx.Module):
+
+  def __init__(self, cfg: Qwen2Config, *, dtype, rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = Dense(d, f, axes=("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs)
+    self.up_proj = Dense(d, f, axes=("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs)
+    self.down_proj = Dense(f, d, axes=("mlp", "embed"), use_bias=False, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: Qwen2Config, *, dtype, rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+    self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+    self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask):
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nnx.Module):
+
+  def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+    self.config = cfg.validate()
+    self.remat = remat
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+    self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+                            for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+
+  def __call__(self, inputs_embeds, *, attention_mask=None, position_ids=None,
+               num_layers=None, output_hidden_states=False):
+    """Runs the first `num_layers` blocks (all by default) over input embeddings.
+
+    Returns (last hidden state, tuple of hidden states). The final norm is applied only
+    when every block ran, as in transformers; hidden_states follows transformers'
+    convention (embeddings, then each block's output, the last one normed).
+    """
+    b, s, _ = inputs_embeds.shape
+    num_layers = len(self.layers) if num_layers is None else num_layers
+    if position_ids is None:
+      position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
+    cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+    mask = causal_mask(s, attention_mask)
+    x = inputs_embeds
+    hidden_states = [x]
+    for layer in self.layers[:num_layers]:
+      if self.remat:
+        x = nnx.remat(lambda layer, x, cos, sin, mask: layer(x, cos, sin, mask))(
+            layer, x, cos, sin, mask)
+      else:
+        x = layer(x, cos, sin, mask)
+      hidden_states.append(x)
+    if num_layers == len(self.layers):
+      x = self.norm(x)
+      hidden_states[-1] = x
+    return x, (tuple(hidden_states) if output_hidden_states else ())
+
+
+class Qwen2ForCausalLM(nnx.Module):
+
+  def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+    self.config = cfg
+    self.model = Qwen2Model(cfg, dtype=dtype, remat=remat, rngs=rngs)
+    # Tied checkpoints have no lm_head: logits use the embedding matrix transposed.
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
+                          use_bias=False, dtype=dtype, rngs=rngs))
+
+  def embed(self, input_ids):
+    return self.model.embed_tokens(input_ids)
+
+  def logits(self, hidden):
+    if self.lm_head is None:
+      return self.model.embed_tokens.attend(hidden)
+    return self.lm_head(hidden)
+
+  def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
+               position_ids=None, output_hidden_states=False):
+    if inputs_embeds is None:
+      inputs_embeds = self.embed(input_ids)
+    hidden, all_hidden = self.model(inputs_embeds, attention_mask=attention_mask,
+                                    position_ids=position_ids,
+                                    output_hidden_states=output_hidden_states)
+    return self.logits(hidden), all_hidden
