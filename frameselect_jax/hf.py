@@ -368,3 +368,10 @@ def save_qwen2(model: Qwen2ForCausalLM, directory: str) -> None:
     json.dump(qwen2_config_to_hf(model.config), f, indent=2)
   save_file(qwen2_to_hf_tensors(model), os.path.join(directory, "model.safetensors"),
             metadata={"format": "pt"})
+
+
+def selector_config(llm: str = "qwen2.5-1.5b", vision: str = "siglip-so400m-patch14-384",
+                    **overrides) -> SelectorConfig:
+  """SelectorConfig from preset names (the paper's default: Qwen2.5-1.5B + SigLIP so400m)."""
+  return SelectorConfig(vision=preset(SIGLIP_PRESETS, vision), llm=preset(QWEN2_PRESETS, llm),
+                        **overrides).validate()
