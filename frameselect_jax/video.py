@@ -1,0 +1,299 @@
+"""Candidate frames: sample n frames uniformly over a video and decode only those.
+
+The selector sees `n` candidate frames (128 in the paper) spread uniformly over
+the whole video. `decode_candidates` seeks to those frames only, resized during
+decoding, so a long video never sits decoded in memory: decord does the work,
+PyAV is the fallback (a platform without decord wheels, or a file decord cannot
+open).
+
+Padding convention (shared with `selection.py`): every array has length n;
+where `valid` is False the frame is zeros, `frame_indices` is -1 and
+`timestamps` is -1.0. A video with fewer than n frames yields each of its frames
+once, followed by padding; a frame is never repeated to fill the budget.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+BACKENDS = ("auto", "decord", "pyav")
+
+# PyAV keeps decoding forward instead of seeking when the next candidate is at
+# most this many seconds ahead: decoding a few frames beats a seek that lands
+# on an earlier keyframe and decodes them anyway.
+FORWARD_DECODE_MAX_S = 1.0
+
+# SigLIP's image processor: mean = std = 0.5 on [0, 1] pixels.
+SIGLIP_MEAN = 0.5
+SIGLIP_STD = 0.5
+
+
+class VideoError(ValueError):
+    """A video cannot be read, or some of its candidate frames failed to decode."""
+
+
+class Candidates(NamedTuple):
+    """The n candidate frames of one video (see the module docstring for padding).
+
+    frames:        uint8 [n, size, size, 3], RGB, squashed to a square (no crop).
+    timestamps:    float32 [n], presentation time of each frame in seconds.
+    valid:         bool [n].
+    frame_indices: int64 [n], source frame numbers.
+    path:          the file.
+    duration:      video duration in seconds.
+    """
+
+    frames: np.ndarray
+    timestamps: np.ndarray
+    valid: np.ndarray
+    frame_indices: np.ndarray
+    path: str
+    duration: float
+
+
+def sample_timestamps(duration_s: float, n: int) -> np.ndarray:
+    """n timestamps (float64 seconds) at the centres of n equal segments of [0, duration_s)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not duration_s > 0:
+        raise ValueError(f"duration must be > 0, got {duration_s}")
+    return (np.arange(n) + 0.5) * (duration_s / n)
+
+
+def candidate_frame_indices(total_frames: int, n: int) -> np.ndarray:
+    """Source frame numbers of the candidates: all frames if there are at most n,
+    else the frame under the centre of each of n equal segments (unique, ascending).
+
+    For a constant frame rate this is `floor(sample_timestamps(duration, n) * fps)`,
+    computed in integers so it does not depend on rounding of the timestamps.
+    """
+    if total_frames <= n:
+        return np.arange(total_frames, dtype=np.int64)
+    j = np.arange(n, dtype=np.int64)
+    return (2 * j + 1) * total_frames // (2 * n)
+
+
+def normalize(frames_uint8):
+    """uint8 pixels -> float32 in [-1, 1] (SigLIP: mean = std = 0.5).
+
+    Returns the same array type it gets (numpy or jax).
+    """
+    if not hasattr(frames_uint8, "astype"):
+        frames_uint8 = np.asarray(frames_uint8)
+    return (frames_uint8.astype(np.float32) / 255.0 - SIGLIP_MEAN) / SIGLIP_STD
+
+
+def decode_candidates(
+    path,
+    n: int = 128,
+    size: int = 224,
+    backend: str = "auto",
+    allow_partial: bool = False,
+) -> Candidates:
+    """Decodes n candidate frames spread uniformly over a video, seeking to each.
+
+    Args:
+      path: video file.
+      n: number of candidates.
+      size: output frames are size x size (aspect ratio is not kept, as in
+        SigLIP's preprocessing).
+      backend: "decord", "pyav", or "auto" (decord; PyAV when decord is missing
+        or cannot open the file).
+      allow_partial: if some candidates fail to decode (a truncated or corrupt
+        stream), mark them invalid and warn instead of raising.
+
+    Raises:
+      VideoError: missing file, not a video, no decodable frames, or (unless
+        allow_partial) some candidates failed; the message names the file, the
+        cause and the failed candidates.
+    """
+    path = os.fspath(path)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if n < 1 or size < 1:
+        raise ValueError(f"n and size must be >= 1, got n={n}, size={size}")
+    if not os.path.exists(path):
+        raise VideoError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: not a regular file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: empty file")
+
+    # "auto": decord first; PyAV when decord is missing or refuses the file (PyAV
+    # often reads it, or at least explains why not).
+    open_errors = []
+    for name in ("decord", "pyav") if backend == "auto" else (backend,):
+        try:
+            result = _DECODERS[name](path, n, size)
+            break
+        except _OpenError as error:
+            open_errors.append(f"{name}: {error}")
+    else:
+        raise VideoError(f"{path}: cannot decode it as a video ({'; '.join(open_errors)})")
+    return _finish(path, n, size, result, allow_partial)
+
+
+class _OpenError(Exception):
+    """The backend cannot read this file at all (so "auto" may try the next one)."""
+
+
+class _Decoded(NamedTuple):
+    """What a backend returns: the candidates it tried, and which of them failed."""
+
+    frames: np.ndarray  # uint8 [m, size, size, 3]
+    timestamps: np.ndarray  # float [m]
+    frame_indices: np.ndarray  # int [m]
+    failed: dict  # position in the m candidates -> reason
+    duration: float
+    backend: str
+
+
+def _finish(path, n, size, decoded: _Decoded, allow_partial) -> Candidates:
+    """Pads to n, applies the failure policy, and checks the result."""
+    m = len(decoded.frame_indices)
+    if m == 0:
+        raise VideoError(f"{path}: no decodable frames (the {decoded.backend} backend found none)")
+    ok = np.ones(m, bool)
+    ok[list(decoded.failed)] = False
+    if not ok.any():
+        first = next(iter(decoded.failed.values()))
+        raise VideoError(f"{path}: no decodable frames; all {m} candidates failed "
+                         f"({decoded.backend}; first error: {first})")
+    if decoded.failed:
+        by_reason = {}  # one line per distinct cause, listing its candidates
+        for i, why in sorted(decoded.failed.items()):
+            by_reason.setdefault(why, []).append(
+                f"#{i} (frame {decoded.frame_indices[i]}, {decoded.timestamps[i]:.3f}s)")
+        listing = "; ".join(f"{', '.join(where)}: {why}" for why, where in by_reason.items())
+        message = (f"{path}: {len(decoded.failed)} of {m} candidate frames failed to decode "
+                   f"(truncated or corrupt stream?) with {decoded.backend}: {listing}")
+        if not allow_partial:
+            raise VideoError(message + ". Pass allow_partial=True to mark them invalid instead.")
+        warnings.warn(message + ". Marked invalid.", RuntimeWarning, stacklevel=3)
+
+    frames = np.zeros((n, size, size, 3), np.uint8)
+    timestamps = np.full(n, -1.0, np.float32)
+    frame_indices = np.full(n, -1, np.int64)
+    valid = np.zeros(n, bool)
+    frames[:m][ok] = decoded.frames[ok]
+    timestamps[:m][ok] = decoded.timestamps[ok]
+    frame_indices[:m][ok] = decoded.frame_indices[ok]
+    valid[:m] = ok
+    return Candidates(frames, timestamps, valid, frame_indices, path, float(decoded.duration))
+
+
+def _decode_decord(path, n, size) -> _Decoded:
+    """decord: resizes inside the decoder; get_batch seeks to each candidate frame."""
+    try:
+        import decord
+    except ImportError as error:
+        raise _OpenError(f"not installed ({error})") from error
+    try:
+        reader = decord.VideoReader(path, width=size, height=size)
+    except Exception as error:  # decord raises RuntimeError or its DECORDError
+        raise _OpenError(f"cannot open it: not a video, or truncated/corrupt? ({_short(error)})") from error
+    total = len(reader)
+    if total == 0:
+        raise _OpenError("reports zero frames")  # "auto" then asks PyAV for a second opinion
+    indices = candidate_frame_indices(total, n)
+    times = reader.get_frame_timestamp(indices.tolist())[:, 0].astype(np.float64)
+    duration = float(reader.get_frame_timestamp(total - 1)[1])
+    expected_shape = (len(indices), size, size, 3)
+    failed = {}
+    try:
+        frames = reader.get_batch(indices.tolist()).asnumpy()
+        if frames.shape != expected_shape:
+            raise ValueError(f"get_batch returned {frames.shape}, expected {expected_shape}")
+    except Exception:
+        # Something in the batch is unreadable: retry one by one to name the culprits.
+        frames = np.zeros(expected_shape, np.uint8)
+        for position, index in enumerate(indices.tolist()):
+            try:
+                frame = reader[index].asnumpy()
+            except Exception as error:
+                failed[position] = _short(error)
+                continue
+            if frame.shape != expected_shape[1:]:
+                # decord 0.6.0 mis-sizes its output at some sizes (2..24, 48, 72; not
+                # 32, 64, 224, 384...). Not the file's fault: let "auto" use PyAV.
+                raise _OpenError(f"returns frames of shape {frame.shape} for size={size} "
+                                 "(a decord resize bug at some sizes; use backend='pyav')")
+            frames[position] = frame
+    return _Decoded(frames, times, indices, failed, duration, "decord")
+
+
+def _decode_pyav(path, n, size) -> _Decoded:
+    """PyAV: seek to the keyframe before each candidate, decode forward to it."""
+    import av
+
+    try:
+        container = av.open(path)
+    except Exception as error:  # InvalidDataError for non-videos, others for odd files
+        raise _OpenError(f"cannot open it: not a video, or truncated/corrupt? ({_short(error)})") from error
+    with container:
+        if not container.streams.video:
+            raise _OpenError("no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not rate:
+            raise _OpenError("no frame rate for the video stream")
+        fps = float(rate)
+        time_base = float(stream.time_base)
+        start_s = (stream.start_time or 0) * time_base
+        if stream.duration:
+            duration = stream.duration * time_base
+        elif container.duration:
+            duration = container.duration / 1e6  # av.time_base units
+        else:
+            duration = 0.0
+        # The container's frame count when it has one (mp4), else estimate from the duration.
+        total = stream.frames or int(round(duration * fps))
+        if not duration:
+            duration = total / fps
+        indices = candidate_frame_indices(total, n)
+
+        frames = np.zeros((len(indices), size, size, 3), np.uint8)
+        times = indices / fps  # replaced by each decoded frame's own time
+        got_indices = indices.copy()
+        failed = {}
+        decoded_iter = None  # the running decode after the last seek; None forces a seek
+        last_taken = -1  # never return a source frame twice, even if the stream's times are off
+        for position, target in enumerate(indices.tolist()):
+            target = max(target, last_taken + 1)
+            near_ahead = decoded_iter is not None and target - last_taken <= FORWARD_DECODE_MAX_S * fps
+            try:
+                if not near_ahead:
+                    container.seek(int(round((start_s + target / fps) / time_base)), stream=stream,
+                                   backward=True, any_frame=False)
+                    decoded_iter = container.decode(stream)
+                frame = None
+                for frame in decoded_iter:
+                    index = int(round((frame.time - start_s) * fps))
+                    if index >= target:
+                        break
+                else:
+                    frame = None
+                if frame is None:
+                    raise EOFError("stream ended before this frame")
+            except Exception as error:
+                failed[position] = _short(error)
+                decoded_iter = None  # the decoder state is suspect: seek afresh
+                continue
+            frames[position] = frame.to_ndarray(width=size, height=size, format="rgb24")
+            times[position] = frame.time - start_s
+            got_indices[position] = last_taken = index
+    return _Decoded(frames, times, got_indices, failed, duration, "pyav")
+
+
+_DECODERS = {"decord": _decode_decord, "pyav": _decode_pyav}
+
+
+def _short(error: BaseException, limit: int = 200) -> str:
+    """One line naming an exception, without decord's multi-line C++ traces."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
