@@ -239,7 +239,7 @@ def _load_into(abstract_state, tensors: dict[str, np.ndarray], rules, ignored: s
   for key, variable in targets.items():
     name, transform = found[key]
     array = tensors[name] if transform is None else transform(tensors[name])
-    expected = tuple(variable.value.shape)
+    expected = tuple(variable.get_value().shape)
     if tuple(array.shape) != expected:
       raise ValueError(f"{source!r}: tensor {name} has shape {tuple(array.shape)} after "
                        f"conversion, expected {expected} for {key}")
@@ -248,7 +248,7 @@ def _load_into(abstract_state, tensors: dict[str, np.ndarray], rules, ignored: s
     else:
       sharding = NamedSharding(mesh, shd.logical_to_spec(shd.variable_axes(variable),
                                                          expected, mesh))
-    dtype = variable.value.dtype
+    dtype = variable.get_value().dtype
     value = jax.make_array_from_callback(
         expected, sharding, lambda index, a=array: np.asarray(a[index], dtype=dtype))
     filled.append((tuple(int(p) if p.isdigit() else p for p in key.split(".")),
@@ -327,10 +327,10 @@ def qwen2_to_hf_tensors(model: Qwen2ForCausalLM) -> dict[str, np.ndarray]:
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     if isinstance(variable, nnx.LoRAParam):
       continue
-    inverse[_path_key(path)] = np.asarray(jax.device_get(variable.value), np.float32)
+    inverse[_path_key(path)] = np.asarray(jax.device_get(variable.get_value()), np.float32)
   for path, dense in _lora_denses(model):
     key = f"{path}.kernel"
-    delta = dense.lora_scale * (np.asarray(dense.lora_a.value) @ np.asarray(dense.lora_b.value))
+    delta = dense.lora_scale * (np.asarray(dense.lora_a[...]) @ np.asarray(dense.lora_b[...]))
     inverse[key] = inverse[key] + delta
   tensors = {}
   for key, value in inverse.items():

@@ -71,13 +71,13 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules=LOGICAL_RULES) -> P:
 
 
 def variable_axes(variable: nnx.Variable) -> tuple:
-  return variable.get_metadata().get("out_sharding") or (None,) * variable.value.ndim
+  return variable.get_metadata().get("out_sharding") or (None,) * variable.get_value().ndim
 
 
 def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
   """Same tree as `state` (concrete or abstract), each value a NamedSharding."""
   def to_sharding(variable):
-    spec = logical_to_spec(variable_axes(variable), variable.value.shape, mesh, rules)
+    spec = logical_to_spec(variable_axes(variable), variable.get_value().shape, mesh, rules)
     return variable.replace(NamedSharding(mesh, spec))
   return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -162,7 +162,7 @@ def causal_mask(seq_len, attention_mask=None):
 
 def iter_dense(module: nnx.Module):
   """(dotted path, Dense) for every Dense in the module tree, in tree order."""
-  for path, sub in module.iter_modules():
+  for path, sub in nnx.iter_modules(module):
     if isinstance(sub, Dense):
       yield ".".join(str(p) for p in path), sub
 

@@ -33,8 +33,8 @@ class SiglipVisionConfig:
     return self.image_size // self.patch_size
 
   def validate(self):
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+    if self.image_size < self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f"hidden_size {self.hidden_size} not divisible by "
                        f"num_attention_heads {self.num_attention_heads}")
@@ -56,8 +56,11 @@ class PatchEmbedding(nnx.Module):
     self.bias = param(jnp.zeros((d,)), ("vision_embed",))
 
   def __call__(self, images):
-    b, h, w, c = images.shape
     p = self.patch_size
+    # Like a stride-p VALID conv: trailing pixels that do not fill a patch are dropped
+    # (so400m: 384 = 27 * 14 + 6).
+    images = images[:, :images.shape[1] // p * p, :images.shape[2] // p * p]
+    b, h, w, c = images.shape
     patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
     kernel = self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)
