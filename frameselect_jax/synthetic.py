@@ -45,6 +45,7 @@ def write_video(
     crf: int | None = None,
     gop: int | None = None,
     faststart: bool = False,
+    input_format: str = "rgb24",
 ) -> str:
     """Encodes uint8 RGB frames to a video file with PyAV; returns the codec used.
 
@@ -59,7 +60,12 @@ def write_video(
       gop: keyframe interval in frames (encoder default when None).
       faststart: mp4 only; put the index (moov atom) at the start of the file.
         A truncated faststart file still opens but its tail frames are missing.
+      input_format: "rgb24", or "yuv420p" for planar frames [H * 3 // 2, W]
+        (Y, then U and V at quarter size) that skip the colour conversion:
+        about 2x faster to write, for long benchmark videos.
     """
+    if input_format not in ("rgb24", "yuv420p"):
+        raise ValueError(f"input_format must be 'rgb24' or 'yuv420p', got {input_format!r}")
     codec = available_codec(codec)
     container_options = {"movflags": "+faststart"} if faststart else {}
     frames_written = 0
@@ -67,10 +73,15 @@ def write_video(
         stream = None
         for frame in frames:
             frame = np.asarray(frame)
-            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-                raise ValueError(f"frames must be uint8 [H, W, 3], got {frame.dtype} {frame.shape}")
-            if stream is None:  # the first frame fixes the size
+            if input_format == "rgb24":
+                if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+                    raise ValueError(f"frames must be uint8 [H, W, 3], got {frame.dtype} {frame.shape}")
                 height, width = frame.shape[:2]
+            else:
+                if frame.dtype != np.uint8 or frame.ndim != 2 or frame.shape[0] % 3:
+                    raise ValueError(f"yuv420p frames must be uint8 [H * 3 // 2, W], got {frame.dtype} {frame.shape}")
+                height, width = frame.shape[0] * 2 // 3, frame.shape[1]
+            if stream is None:  # the first frame fixes the size
                 if height % 2 or width % 2:
                     raise ValueError(f"height and width must be even for yuv420p, got {height}x{width}")
                 stream = container.add_stream(codec, rate=fps)
@@ -83,10 +94,10 @@ def write_video(
                 if gop is not None:
                     options["g"] = str(gop)
                 stream.options = options
-            elif frame.shape[:2] != (stream.height, stream.width):
-                raise ValueError(f"frame {frames_written} has shape {frame.shape}, expected "
-                                 f"{(stream.height, stream.width, 3)}")
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            elif (height, width) != (stream.height, stream.width):
+                raise ValueError(f"frame {frames_written} is {height}x{width}, expected "
+                                 f"{stream.height}x{stream.width}")
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format=input_format)):
                 container.mux(packet)
             frames_written += 1
         if stream is None:
