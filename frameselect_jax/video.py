@@ -21,11 +21,6 @@ import numpy as np
 
 BACKENDS = ("auto", "decord", "pyav")
 
-# PyAV keeps decoding forward instead of seeking when the next candidate is at
-# most this many seconds ahead: decoding a few frames beats a seek that lands
-# on an earlier keyframe and decodes them anyway.
-FORWARD_DECODE_MAX_S = 1.0
-
 # decord returns candidates in chunks of this many, copied into one preallocated
 # array, so the transient copy is a few frames rather than all n.
 DECORD_CHUNK = 16
@@ -47,7 +42,8 @@ class Candidates(NamedTuple):
     valid:         bool [n].
     frame_indices: int64 [n], source frame numbers.
     path:          the file.
-    duration:      video duration in seconds.
+    duration:      seconds covered by the video's frames (from its index or
+                   packets; checked against the duration its header declares).
     """
 
     frames: np.ndarray
@@ -151,7 +147,7 @@ class _Decoded(NamedTuple):
     timestamps: np.ndarray  # float [m]
     frame_indices: np.ndarray  # int [m]
     failed: dict  # position in the m candidates -> reason
-    duration: float
+    duration: float  # end of the last frame the index or packets list, seconds
     backend: str
 
 
@@ -177,6 +173,16 @@ def _finish(path, n, size, decoded: _Decoded, allow_partial) -> Candidates:
         if not allow_partial:
             raise VideoError(message + ". Pass allow_partial=True to mark them invalid instead.")
         warnings.warn(message + ". Marked invalid.", RuntimeWarning, stacklevel=3)
+
+    # A container cut short (e.g. an mkv) may still list fewer frames consistently,
+    # and every candidate then decodes: only the header's duration gives it away.
+    declared = _declared_duration(path)
+    if declared and declared - decoded.duration > max(1.0, 0.05 * declared):
+        message = (f"{path}: its frames end at {decoded.duration:.2f}s but its header declares "
+                   f"{declared:.2f}s (truncated?); candidates cover only the frames present")
+        if not allow_partial:
+            raise VideoError(message + ". Pass allow_partial=True to accept that.")
+        warnings.warn(message + ".", RuntimeWarning, stacklevel=3)
 
     frames = decoded.frames
     frames[:m][~ok] = 0
@@ -251,16 +257,8 @@ def _decode_pyav(path, n, size) -> _Decoded:
         fps = float(rate)
         time_base = float(stream.time_base)
         start_s = (stream.start_time or 0) * time_base
-        if stream.duration:
-            duration = stream.duration * time_base
-        elif container.duration:
-            duration = container.duration / 1e6  # av.time_base units
-        else:
-            duration = 0.0
-        # The container's frame count when it has one (mp4), else estimate from the duration.
-        total = stream.frames or int(round(duration * fps))
-        if not duration:
-            duration = total / fps
+        total, keyframes = _frame_count_and_keyframes(container, stream, fps, start_s)
+        duration = total / fps
         indices = candidate_frame_indices(total, n)
 
         frames = np.zeros((n, size, size, 3), np.uint8)
@@ -271,9 +269,12 @@ def _decode_pyav(path, n, size) -> _Decoded:
         last_taken = -1  # never return a source frame twice, even if the stream's times are off
         for position, target in enumerate(indices.tolist()):
             target = max(target, last_taken + 1)
-            near_ahead = decoded_iter is not None and target - last_taken <= FORWARD_DECODE_MAX_S * fps
+            # Seek only when a keyframe lies between the last decoded frame and the
+            # target; otherwise decoding on reaches it with fewer frames than a seek
+            # (which lands on a keyframe at or before where we already are).
+            keyframe_before = keyframes[max(np.searchsorted(keyframes, target, side="right") - 1, 0)]
             try:
-                if not near_ahead:
+                if decoded_iter is None or keyframe_before > last_taken:
                     container.seek(int(round((start_s + target / fps) / time_base)), stream=stream,
                                    backward=True, any_frame=False)
                     decoded_iter = container.decode(stream)
@@ -294,6 +295,53 @@ def _decode_pyav(path, n, size) -> _Decoded:
             times[position] = frame.time - start_s
             got_indices[position] = last_taken = index
     return _Decoded(frames, times, got_indices, failed, duration, "pyav")
+
+
+def _declared_duration(path):
+    """The video stream's duration as the container header declares it, in
+    seconds; None when it declares none or PyAV cannot read the header."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            if stream.duration:
+                return stream.duration * float(stream.time_base)
+            tag = stream.metadata.get("DURATION")  # mkv / webm: per track, "HH:MM:SS.nnnnnnnnn"
+            if tag:
+                hours, minutes, seconds = tag.split(":")
+                return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            if container.duration:
+                return container.duration / 1e6  # av.time_base units; may include audio
+    except Exception:
+        return None
+    return None
+
+
+def _frame_count_and_keyframes(container, stream, fps, start_s):
+    """The stream's frame count and its keyframes' frame numbers (ascending, never empty).
+
+    From the container's index when it lists every frame (mp4: nothing is
+    read), else from packet headers (mkv, webm: reads the file but decodes
+    nothing; a count from packets, unlike an estimate from the duration, never
+    names a frame past the end). Keyframe numbers may be off by a frame or two
+    (index timestamps can be decode times); they only decide between seeking
+    and decoding on, and either reaches the right frame.
+    """
+    time_base = float(stream.time_base)
+    entries = stream.index_entries
+    if stream.frames and len(entries) == stream.frames:
+        total = stream.frames
+        timestamps = [entry.timestamp for entry in entries if entry.is_keyframe]
+    else:
+        total, timestamps = 0, []
+        for packet in container.demux(stream):
+            if packet.size:  # the demuxer ends with an empty flush packet
+                total += 1
+                if packet.is_keyframe and packet.pts is not None:
+                    timestamps.append(packet.pts)
+    keyframes = sorted({int(round((t * time_base - start_s) * fps)) for t in timestamps})
+    return total, np.array(keyframes or [0], np.int64)
 
 
 _DECODERS = {"decord": _decode_decord, "pyav": _decode_pyav}

@@ -1,4 +1,5 @@
 """Candidate decoding on tiny generated videos: sampling, padding, backends, needle, errors."""
+import os
 import sys
 import warnings
 
@@ -12,19 +13,20 @@ from frameselect_jax.video import VideoError, decode_candidates
 BACKENDS = ("decord", "pyav")
 
 
-@pytest.fixture(scope="module")
-def needle(tmp_path_factory):
+@pytest.fixture(scope="module", params=["mp4", "mkv"])
+def needle(tmp_path_factory, request):
     """10 s at 12 fps, non-square; the needle shows in frames 60..71 (5.0 s .. 6.0 s).
-    A keyframe every 12 frames, so seeking is exercised."""
-    path = tmp_path_factory.mktemp("videos") / "needle.mp4"
+    A keyframe every 12 frames and 16 candidates: PyAV both seeks and decodes on."""
+    path = tmp_path_factory.mktemp("videos") / f"needle.{request.param}"
     return synthetic.needle_video(path, num_frames=120, fps=12, size=(96, 128), needle_start=60,
                                   needle_len=12, seed=1, gop=12)
 
 
-@pytest.fixture(scope="module")
-def short_clip(tmp_path_factory):
-    """10 frames, each a different flat grey, so every frame is recognisable."""
-    path = tmp_path_factory.mktemp("videos") / "short.mp4"
+@pytest.fixture(scope="module", params=["mp4", "mkv"])
+def short_clip(tmp_path_factory, request):
+    """10 frames, each a different flat grey, so every frame is recognisable. The
+    mkv has no frame count in its header (PyAV then counts packets)."""
+    path = tmp_path_factory.mktemp("videos") / f"short.{request.param}"
     greys = np.arange(10, dtype=np.uint8) * 24 + 10
     synthetic.write_video(path, np.broadcast_to(greys[:, None, None, None], (10, 32, 48, 3)), fps=5)
     return path, greys
@@ -137,13 +139,22 @@ def test_empty_file(tmp_path):
         decode_candidates(path)
 
 
-def test_truncated_file_without_index(needle, tmp_path):
-    # Default mp4: the index (moov) is at the end, so the first half cannot be opened.
+def test_truncated_file(needle, tmp_path):
     data = open(needle.path, "rb").read()
-    path = tmp_path / "half.mp4"
+    path = tmp_path / f"half{os.path.splitext(needle.path)[1]}"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(VideoError, match=r"half\.mp4: cannot decode it as a video"):
-        decode_candidates(path, n=8, size=16)
+    if path.suffix == ".mp4":
+        # Default mp4: the index (moov) is at the end, so the first half cannot be opened.
+        with pytest.raises(VideoError, match=r"half\.mp4: cannot decode it as a video"):
+            decode_candidates(path, n=8, size=32)
+        return
+    # mkv: the first half reads as a shorter video; only the header's duration tells.
+    for backend in BACKENDS:
+        with pytest.raises(VideoError, match=r"half\.mkv: its frames end at .* header declares 10\.00s"):
+            decode_candidates(path, n=8, size=32, backend=backend)
+    with pytest.warns(RuntimeWarning, match="truncated"):
+        c = decode_candidates(path, n=8, size=32, allow_partial=True)
+    assert c.valid.all() and c.duration < 7
 
 
 def test_truncated_file_names_failed_candidates(faststart_bytes, tmp_path):
