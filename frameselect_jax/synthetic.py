@@ -156,7 +156,10 @@ def background_frame(t: float, height: int, width: int, phase: np.ndarray) -> np
     """
     y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
     x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
-    wave = lambda k: 0.5 + 0.5 * np.sin(2 * np.pi * (x * 0.7 + y * 0.4) + 0.35 * t * (k + 1) + phase[k])
+
+    def wave(channel):  # in [0, 1]; each channel drifts at its own speed
+        return 0.5 + 0.5 * np.sin(2 * np.pi * (x * 0.7 + y * 0.4) + 0.35 * t * (channel + 1) + phase[channel])
+
     red = 20 + 60 * wave(0)
     green = 70 + 110 * wave(1)
     blue = 70 + 110 * (1 - wave(2))
@@ -219,9 +222,10 @@ def needle_video(
 def needle_fraction(frames: np.ndarray, color: Sequence[int] = NEEDLE_RGB, tol: int = 60) -> np.ndarray:
     """Fraction of pixels within `tol` (per channel) of the needle colour, per frame.
 
-    Works on decoded, resized frames [..., H, W, 3] uint8: the needle covers
-    about 1/16 of a square-resized frame of a square clip; background pixels
-    never come near the colour, so any clear positive value means "needle".
+    Works on decoded, resized frames [..., H, W, 3] uint8: the needle's side is
+    a quarter of the clip's short side (1/16 of a square clip, less of a wide
+    one) and background pixels never come near its colour, so any clear
+    positive value means "needle".
     """
     frames = np.asarray(frames).astype(np.int16)
     close = np.all(np.abs(frames - np.asarray(color, np.int16)) <= tol, axis=-1)
