@@ -1,0 +1,133 @@
+"""Every orbax call of the project lives here (orbax's API churns; one place to follow it).
+
+A training checkpoint at step s holds four items:
+  params     the trainable parameters (a nested dict of arrays, fp32)
+  opt_state  the optimizer state (trainables only)
+  data       the grain iterator's position, one JSON file per process
+  meta       {"step", "config", ...} as JSON
+Saves are asynchronous, every `save_every` steps (and whenever forced: end of run,
+preemption), keeping the last `keep`. Every process calls save and restore: each writes the
+shards it owns, and orbax's primary process finalises the directory, so a checkpoint is
+written cooperatively. A save interrupted half-way (SIGKILL) leaves only a temporary
+directory, which is never read back.
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ITEMS = ("params", "opt_state", "data", "meta")
+
+
+def _handlers():
+  return {"params": ocp.StandardCheckpointHandler(),
+          "opt_state": ocp.StandardCheckpointHandler(),
+          "data": grain.checkpoint.CheckpointHandler(),
+          "meta": ocp.JsonCheckpointHandler()}
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=ITEMS, item_handlers=_handlers())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
+  def save(self, step: int, *, params, opt_state, data_iterator, meta: dict,
+           force: bool = False) -> bool:
+    """Starts an asynchronous save; returns False when the interval says not now."""
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave(meta))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, *, abstract_params, abstract_opt_state, data_iterator):
+    """Restores params and optimizer state onto the shardings of the abstract trees
+    (jax.ShapeDtypeStruct with .sharding) and moves `data_iterator` to its saved position.
+    Returns (params, opt_state, meta)."""
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params),
+        opt_state=ocp.args.StandardRestore(abstract_opt_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+        meta=ocp.args.JsonRestore())
+    restored = self.manager.restore(step, args=args)
+    return restored["params"], restored["opt_state"], restored["meta"]
+
+  def wait(self):
+    """Blocks until every started save is on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def latest_step(directory: str) -> int | None:
+  """The newest complete checkpoint step under `directory`, or None (missing directory too).
+
+  Orbax writes a step into a temporary directory and renames it to the bare step number
+  only when every item is committed, so integer-named directories are the complete ones.
+  """
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(name) for name in os.listdir(directory)
+           if name.isdigit() and os.path.isdir(os.path.join(directory, name))]
+  return max(steps) if steps else None
+
+
+def load_params_numpy(directory: str, step: int | None = None) -> dict:
+  """The `params` item as host numpy arrays, without knowing its structure (tests, tools)."""
+  step = latest_step(directory) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found in {directory!r}")
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+  path = os.path.join(os.path.abspath(directory), str(step), "params")
+  metadata = checkpointer.metadata(path)
+  tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  checkpointer.close()
+  return params
+
+
+def restore_params(directory: str, abstract_params, step: int | None = None):
+  """Only the `params` item of a checkpoint (e.g. stage 1's trainables to start stage 2).
+
+  `abstract_params` may name a subset of what was saved: the rest is not read.
+  Returns (params, step).
+  """
+  step = latest_step(directory) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found in {directory!r}")
+  path = os.path.join(os.path.abspath(directory), str(step), "params")
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
+  params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=abstract_params, restore_args=restore_args, partial_restore=True))
+  checkpointer.close()
+  return params, step
+
+
+def read_meta(directory: str, step: int) -> dict:
+  checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+  meta = checkpointer.restore(os.path.join(os.path.abspath(directory), str(step), "meta"))
+  checkpointer.close()
+  return meta

@@ -1,0 +1,151 @@
+"""The Selector of a training config, split into trainable and frozen parameter dicts.
+
+Stage 1 trains the projector, the score query and the score head; stage 2 adds LoRA
+adapters to the LLM and trains them too. The split uses NNX filters; the parts leave this
+module as plain nested dicts of arrays placed on their mesh shardings (frozen ones cast to
+`model.frozen_dtype`), ready for the pure train step.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from frameselect_jax import hf
+from frameselect_jax import sharding as shd
+from frameselect_jax.models.layers import add_lora
+from frameselect_jax.models.selector import DTYPES, Selector, SelectorConfig
+
+TOP_LEVEL = ("vision_tower", "projector", "llm", "score_query", "score_head")
+
+
+def selector_config(config) -> SelectorConfig:
+  """From presets, or from the Hugging Face directories' config.json when given."""
+  m = config.model
+  if m.llm_dir or m.vision_dir:
+    if not (m.llm_dir and m.vision_dir):
+      raise ValueError("set both model.llm_dir and model.vision_dir, or neither")
+    llm = hf._config_or_preset(m.llm_dir, None, hf.QWEN2_PRESETS, hf.qwen2_config_from_hf)
+    vision = hf._config_or_preset(m.vision_dir, None, hf.SIGLIP_PRESETS,
+                                  hf.siglip_config_from_hf)
+    return SelectorConfig(vision=vision, llm=llm, num_candidates=m.num_candidates,
+                          pool_grid=m.pool_grid, dtype=m.dtype, remat=m.remat).validate()
+  return hf.selector_config(llm=m.llm, vision=m.vision, num_candidates=m.num_candidates,
+                            pool_grid=m.pool_grid, dtype=m.dtype, remat=m.remat)
+
+
+def trainable_filter(config):
+  unknown = sorted(set(config.train.trainable) - set(TOP_LEVEL))
+  if unknown:
+    raise ValueError(f"train.trainable names unknown modules {unknown}; known: {TOP_LEVEL}")
+  heads = tuple(config.train.trainable)
+  is_head = lambda path, _: path[0] in heads
+  only_heads = nnx.All(nnx.Param, is_head)
+  return nnx.Any(only_heads, nnx.LoRAParam) if config.stage == 2 else only_heads
+
+
+def _add_adapters(model: Selector, config) -> Selector:
+  if config.stage == 2:
+    add_lora(model.llm, config.lora.pattern, rank=config.lora.rank, alpha=config.lora.alpha,
+             rngs=nnx.Rngs(config.seed + 1))
+  return model
+
+
+def build_model(config, mesh=None) -> Selector:
+  """A concrete Selector: Hugging Face weights when model.llm_dir/vision_dir are set, else a
+  random init from the presets (identical on every process: same seed)."""
+  m = config.model
+  if m.llm_dir:
+    model = hf.selector_from_hf(m.llm_dir, m.vision_dir, num_candidates=m.num_candidates,
+                                pool_grid=m.pool_grid, dtype=m.dtype, remat=m.remat,
+                                mesh=mesh, seed=config.seed)
+  else:
+    model = Selector(selector_config(config), rngs=nnx.Rngs(config.seed))
+  return _add_adapters(model, config)
+
+
+def abstract_model(config) -> Selector:
+  """Shapes only (no memory): for ahead-of-time compilation."""
+  cfg = selector_config(config)
+  return nnx.eval_shape(lambda: _add_adapters(Selector(cfg, rngs=nnx.Rngs(config.seed)), config))
+
+
+def split(model: Selector, config):
+  """(graphdef, trainable state, frozen state) as NNX States (Variables keep axis names)."""
+  graphdef, params, frozen = nnx.split(model, trainable_filter(config), ...)
+  if not jax.tree.leaves(params):
+    raise ValueError(f"no trainable parameters: train.trainable={tuple(config.train.trainable)}")
+  return graphdef, params, frozen
+
+
+def shardings_of(state, mesh, rules):
+  return nnx.to_pure_dict(shd.state_shardings(state, mesh, rules))
+
+
+def abstract_of(pure, shardings, dtype_of=lambda x: x.dtype):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype_of(x), sharding=s),
+                      pure, shardings)
+
+
+def frozen_dtype_fn(config):
+  target = DTYPES[config.model.frozen_dtype]
+  return lambda x: target if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+
+
+def place(pure, shardings, dtype_fn=lambda x: x.dtype):
+  """Puts every array of a nested dict on its sharding (each process supplies only the
+  slices its devices hold), cast with dtype_fn."""
+  def put(x, sharding):
+    dtype = dtype_fn(x)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.jit(lambda a: a.astype(dtype), out_shardings=sharding)(x)
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding,
+                                        lambda index: np.asarray(host[index]).astype(dtype))
+  return jax.tree.map(put, pure, shardings)
+
+
+def _param_dtype(x):
+  return jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+
+
+def prepare(config, mesh, rules):
+  """Builds the model and returns graphdef, params, frozen (placed dicts) and their shardings."""
+  if not config.model.llm_dir:
+    # Random init inside one jit: every array is created directly on its sharding, and one
+    # compilation replaces one per parameter.
+    graphdef, params_abs, frozen_abs = split(abstract_model(config), config)
+    param_shardings = shardings_of(params_abs, mesh, rules)
+    frozen_shardings = shardings_of(frozen_abs, mesh, rules)
+    cast_frozen = frozen_dtype_fn(config)
+
+    def init():
+      _, params_state, frozen_state = split(build_model(config), config)
+      params = jax.tree.map(lambda x: x.astype(_param_dtype(x)), nnx.to_pure_dict(params_state))
+      frozen = jax.tree.map(lambda x: x.astype(cast_frozen(x)), nnx.to_pure_dict(frozen_state))
+      return params, frozen
+
+    params, frozen = jax.jit(init, out_shardings=(param_shardings, frozen_shardings))()
+    return graphdef, params, frozen, param_shardings, frozen_shardings
+  model = build_model(config, mesh)
+  graphdef, params_state, frozen_state = split(model, config)
+  param_shardings = shardings_of(params_state, mesh, rules)
+  frozen_shardings = shardings_of(frozen_state, mesh, rules)
+  params = place(nnx.to_pure_dict(params_state), param_shardings, _param_dtype)
+  frozen = place(nnx.to_pure_dict(frozen_state), frozen_shardings, frozen_dtype_fn(config))
+  return graphdef, params, frozen, param_shardings, frozen_shardings
+
+
+def prepare_abstract(config, mesh, rules):
+  """The same as `prepare`, as ShapeDtypeStructs with shardings (no weights)."""
+  graphdef, params_state, frozen_state = split(abstract_model(config), config)
+  param_shardings = shardings_of(params_state, mesh, rules)
+  frozen_shardings = shardings_of(frozen_state, mesh, rules)
+  params = abstract_of(nnx.to_pure_dict(params_state), param_shardings, lambda x: jnp.float32)
+  frozen = abstract_of(nnx.to_pure_dict(frozen_state), frozen_shardings, frozen_dtype_fn(config))
+  return graphdef, params, frozen, param_shardings, frozen_shardings
+
+
+def count_params(pure) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(pure)))

@@ -1,0 +1,216 @@
+"""The pure functions of training: losses, the optimizer, the train step and the eval step.
+
+Parameters travel as plain nested dicts of arrays: `params` (trainable, fp32) and `frozen`
+(the rest). A step merges them into the Selector with `nnx.merge`, so the step is a pure
+function of arrays that jax.jit compiles once, and gradients and optimizer state exist only
+for `params`. The trainer and the AOT compiler (train/compile.py) build the very same step.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from frameselect_jax import selection
+from frameselect_jax.records import normalize_frames
+
+TASKS = ("instruction", "importance")
+MODEL_INPUTS = {
+    "importance": ("valid", "labels", "question_ids", "question_mask", "weight"),
+    "instruction": ("valid", "text_ids", "text_mask", "answer_mask", "weight"),
+}
+
+
+def step_fields(task: str, cached: bool) -> tuple[str, ...]:
+  """The batch fields a task's step reads: cached pooled tokens or raw frames."""
+  return MODEL_INPUTS[task] + (("visual",) if cached else ("frames",))
+
+
+# --- Optimizer ---
+
+def make_schedule(train_config, total_steps: int):
+  lr = train_config.lr
+  warmup = int(round(train_config.warmup_fraction * total_steps))
+  if train_config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=lr * train_config.end_lr_fraction)
+  if train_config.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
+                                 optax.constant_schedule(lr)], [warmup])
+  raise ValueError(f"unknown schedule {train_config.schedule!r}; choose cosine or constant")
+
+
+def make_optimizer(train_config, total_steps: int):
+  """AdamW after global-norm clipping; no weight decay on vectors (biases, norms, query)."""
+  schedule = make_schedule(train_config, total_steps)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(train_config.grad_clip_norm),
+      optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2, eps=train_config.eps,
+                  weight_decay=train_config.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+# --- Model passes and losses (sums and counts, so that accumulation and sharding are exact) ---
+
+def merge_model(graphdef, params, frozen, vision_abstract=None):
+  """The Selector from its parts. With cached visual tokens the vision tower's weights are
+  not step inputs at all: zeros stand in for them, which nothing reads, so XLA drops them."""
+  states = [nnx.State(params), nnx.State(frozen)]
+  if vision_abstract is not None:
+    states.append(nnx.State({"vision_tower": jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), vision_abstract)}))
+  return nnx.merge(graphdef, *states)
+
+
+def visual_tokens(model, batch):
+  if "visual" in batch:
+    return batch["visual"]
+  # Frozen tower: nothing trainable feeds it, so autodiff never runs backward through it.
+  return model.encode_frames(normalize_frames(batch["frames"]))
+
+
+def importance_sums(model, batch):
+  """Binary cross-entropy of the n logits against the soft labels over valid candidates."""
+  valid = batch["valid"]
+  logits = model.score(visual_tokens(model, batch), batch["question_ids"],
+                       batch["question_mask"], valid)
+  logits = jnp.where(valid, logits, 0.0)  # invalid logits are -inf: keep them out of the loss
+  mask = valid.astype(jnp.float32) * batch["weight"][:, None]
+  bce = optax.sigmoid_binary_cross_entropy(logits, batch["labels"])
+  return jnp.sum(bce * mask), jnp.sum(mask), logits
+
+
+def instruction_sums(model, batch):
+  """Next-token cross-entropy on the answer tokens, given the visual tokens and the prompt."""
+  logits = model.instruction_logits(visual_tokens(model, batch), batch["text_ids"],
+                                    batch["text_mask"], batch["valid"])
+  targets = batch["text_ids"][:, 1:]
+  mask = batch["answer_mask"][:, 1:].astype(jnp.float32) * batch["weight"][:, None]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+  return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def loss_count(task, batch):
+  """The loss normaliser of a whole (global) batch; it does not depend on the parameters."""
+  if task == "importance":
+    return jnp.sum(batch["valid"].astype(jnp.float32) * batch["weight"][:, None])
+  return jnp.sum(batch["answer_mask"][:, 1:].astype(jnp.float32) * batch["weight"][:, None])
+
+
+def _batch_spec(mesh, ndim, leading=()):
+  return NamedSharding(mesh, P(*leading, ("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abstract=None,
+                    mesh=None):
+  """step(params, frozen, opt_state, batch) -> (params, opt_state, metrics).
+
+  With accum_steps > 1 the global batch is split into that many micro-batches (each still
+  spread over every data-parallel device) and their gradients summed in a lax.scan before
+  one optimizer update. Every micro-batch loss is divided by the whole batch's count, so
+  the result equals the unaccumulated step up to summation order.
+  """
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+
+  def micro_loss(params, frozen, micro, count):
+    model = merge_model(graphdef, params, frozen, vision_abstract)
+    if task == "importance":
+      total, _, _ = importance_sums(model, micro)
+    else:
+      total, _ = instruction_sums(model, micro)
+    return total / count
+
+  grad_fn = jax.value_and_grad(micro_loss)
+
+  def step(params, frozen, opt_state, batch):
+    count = jnp.maximum(loss_count(task, batch), 1.0)
+    if accum_steps == 1:
+      loss, grads = grad_fn(params, frozen, batch, count)
+    else:
+      def split(x):
+        # Row r = m * accum + a: micro-batch a takes every accum-th row, so each device
+        # keeps its own rows in every micro-batch (no data movement).
+        x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+          x = jax.lax.with_sharding_constraint(x, _batch_spec(mesh, x.ndim - 1, (None,)))
+        return x
+      micro_batches = jax.tree.map(split, batch)
+
+      def body(carry, micro):
+        loss_sum, grad_sum = carry
+        loss, grads = grad_fn(params, frozen, micro, count)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro_batches)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "params_finite": finite}
+    return params, opt_state, metrics
+
+  return step
+
+
+def make_eval_step(graphdef, *, k: int, top_frames: int, vision_abstract=None):
+  """eval(params, frozen, batch) -> sums: BCE over valid frames, and recall of the label's
+  top frames among the k frames greedy NMS picks from the predicted scores (and, as the
+  ceiling of that metric, from the labels themselves)."""
+
+  def recall(chosen, relevant):
+    hit = jnp.any((relevant[:, :, None] == chosen[:, None, :]) & (chosen[:, None, :] >= 0), -1)
+    hit = hit & (relevant >= 0)
+    return jnp.sum(hit, -1) / jnp.maximum(jnp.sum(relevant >= 0, -1), 1)
+
+  def step(params, frozen, batch):
+    model = merge_model(graphdef, params, frozen, vision_abstract)
+    bce_sum, count, logits = importance_sums(model, batch)
+    valid = batch["valid"]
+    chosen = selection.select_batch("nms_greedy", jnp.where(valid, logits, -jnp.inf), valid, k)
+    oracle = selection.select_batch("nms_greedy", batch["labels"], valid, k)
+    relevant = selection.select_batch("top_k", batch["labels"], valid, top_frames)
+    weight = batch["weight"]
+    return {"bce_sum": bce_sum, "bce_count": count,
+            "recall_sum": jnp.sum(recall(chosen, relevant) * weight),
+            "oracle_recall_sum": jnp.sum(recall(oracle, relevant) * weight),
+            "examples": jnp.sum(weight)}
+
+  return step
+
+
+# --- Shardings of the step's inputs and outputs ---
+
+def batch_shardings(mesh, spec, fields, leading_batch=True):
+  """Each field's leading (batch) axis over (data, fsdp), the rest replicated."""
+  shapes = spec.shapes(cached="visual" in fields)
+  return {f: _batch_spec(mesh, len(shapes[f][0]) + 1) for f in fields}
+
+
+def opt_state_shardings(tx, abstract_params, param_shardings, mesh):
+  """Optimizer moments shard like their parameters; step counters are replicated."""
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+                               transform_non_params=lambda _: replicated)
+
+
+def jit_train_step(step, *, param_shardings, frozen_shardings, opt_shardings, batch_shardings,
+                   mesh):
+  """One jax.jit with explicit shardings; params and optimizer state are donated."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step,
+                 in_shardings=(param_shardings, frozen_shardings, opt_shardings, batch_shardings),
+                 out_shardings=(param_shardings, opt_shardings, replicated),
+                 donate_argnums=(0, 2))
+
+
+def jit_eval_step(step, *, param_shardings, frozen_shardings, batch_shardings, mesh):
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step, in_shardings=(param_shardings, frozen_shardings, batch_shardings),
+                 out_shardings=replicated)

@@ -1,0 +1,465 @@
+"""Trains the frame selector (stage 1 or stage 2 of the paper), from one CPU to a TPU pod.
+
+Reads top to bottom: check the config, join the other processes, build the mesh, the model
+and the optimizer, fill the visual-token cache, build the data pipeline, resume from the
+latest checkpoint, then loop: one jitted step per batch, metrics, evaluation, checkpoints.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from frameselect_jax import checkpoint as ckpt
+from frameselect_jax import hf
+from frameselect_jax import records
+from frameselect_jax import sharding as shd
+from frameselect_jax import visual_cache
+from frameselect_jax.text import ByteTokenizer
+from train import modeling
+from train import step as step_lib
+from train.metrics import MetricWriter
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; raised before any heavy work starts."""
+
+
+# --- Configuration checks ---
+
+def parse_task_ratio(text: str) -> tuple[int, int]:
+  """'a:b' -> (instruction batches, importance batches) per cycle."""
+  try:
+    a, b = (int(x) for x in str(text).split(":"))
+  except ValueError:
+    raise ConfigError(f"train.task_ratio must look like 'instruction:importance' (e.g. 1:1), "
+                      f"got {text!r}") from None
+  if a < 0 or b < 0 or a + b == 0:
+    raise ConfigError(f"train.task_ratio {text!r} needs non-negative counts, not both zero")
+  return a, b
+
+
+def task_of_step(step: int, ratio: tuple[int, int]) -> str:
+  """Tasks alternate batch by batch: `a` instruction batches, then `b` importance ones."""
+  a, b = ratio
+  return "instruction" if (step - 1) % (a + b) < a else "importance"
+
+
+def check_config(config, runtime: bool = True):
+  """Everything that can be checked without devices or data. runtime=False (AOT
+  compilation) skips what only a real run needs: data files, tokenizer, stage-1 checkpoint."""
+  if config.stage not in (1, 2):
+    raise ConfigError(f"stage must be 1 or 2, got {config.stage}")
+  try:
+    selector_cfg = modeling.selector_config(config)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"model: {e}") from None
+  n = selector_cfg.num_candidates
+  if not 1 <= config.eval.k <= n:
+    raise ConfigError(f"eval.k={config.eval.k} must be in [1, n={n}] (model.num_candidates)")
+  if not 1 <= config.eval.top_frames <= n:
+    raise ConfigError(f"eval.top_frames={config.eval.top_frames} must be in [1, n={n}]")
+  ratio = parse_task_ratio(config.train.task_ratio)
+  if config.stage == 2 and ratio[0]:
+    raise ConfigError(f"stage 2 trains importance prediction only; train.task_ratio "
+                      f"{config.train.task_ratio!r} asks for instruction batches (use 0:1)")
+  if config.train.grad_accum_steps < 1:
+    raise ConfigError(f"train.grad_accum_steps must be >= 1, got {config.train.grad_accum_steps}")
+  if config.train.lr <= 0:
+    raise ConfigError(f"train.lr must be positive, got {config.train.lr}")
+  if not runtime:
+    return selector_cfg, ratio
+  if config.data.source == "array_record" and not config.data.train_path:
+    raise ConfigError("data.source='array_record' needs data.train_path (a glob of "
+                      "array_record files)")
+  if config.data.source == "tfds" and not config.data.tfds_name:
+    raise ConfigError("data.source='tfds' needs data.tfds_name")
+  if config.data.source not in ("synthetic", "array_record", "tfds"):
+    raise ConfigError(f"unknown data.source {config.data.source!r}; choose synthetic, "
+                      f"array_record or tfds")
+  if not config.data.tokenizer and not config.model.llm_dir:
+    raise ConfigError("data.tokenizer is empty and there is no model.llm_dir to take the "
+                      "tokenizer from; use 'byte' for tiny presets or a tokenizer directory")
+  if config.stage == 2:
+    if not config.train.init_from:
+      raise ConfigError("stage 2 starts from a stage-1 checkpoint: set train.init_from")
+    if ckpt.latest_step(config.train.init_from) is None:
+      raise ConfigError(f"stage 2 needs a stage-1 checkpoint, but train.init_from="
+                        f"{config.train.init_from!r} holds none (run stage 1 first)")
+  return selector_cfg, ratio
+
+
+def make_mesh(config, devices=None):
+  try:
+    return shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+
+
+def check_batch(config, mesh, process_count: int):
+  batch = config.data.global_batch_size
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch % data_parallel:
+    raise ConfigError(f"data.global_batch_size={batch} is not divisible by the data parallelism "
+                      f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {data_parallel}")
+  if batch % process_count:
+    raise ConfigError(f"data.global_batch_size={batch} is not divisible by the "
+                      f"{process_count} processes")
+  accum = config.train.grad_accum_steps
+  if (batch // data_parallel) % accum:
+    raise ConfigError(f"per-device batch {batch // data_parallel} is not divisible by "
+                      f"train.grad_accum_steps={accum}")
+
+
+# --- Processes, data, tokenizer ---
+
+def setup_distributed(config):
+  d = config.distributed
+  if not d.initialize:
+    return
+  if d.coordinator_address:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # no-op on TPU/GPU
+    jax.distributed.initialize(coordinator_address=d.coordinator_address,
+                               num_processes=d.num_processes, process_id=d.process_id)
+  else:
+    jax.distributed.initialize()  # TPU pods and SLURM/Kubernetes: detected from the environment
+
+
+def load_tokenizer(config):
+  name = config.data.tokenizer or config.model.llm_dir
+  if name == "byte":
+    tok = ByteTokenizer()
+    return tok, tok.eos_token_id
+  tok = hf.load_tokenizer(name)
+  if tok.eos_token_id is None:
+    raise ConfigError(f"tokenizer {name!r} has no eos token")
+  return tok, tok.eos_token_id
+
+
+def make_sources(config, selector_cfg):
+  d = config.data
+  if d.source == "synthetic":
+    make = functools.partial(records.needle_records, num_candidates=selector_cfg.num_candidates,
+                             image_size=selector_cfg.vision.image_size)
+    train = make(d.synthetic_train_videos, seed=d.synthetic_seed)
+    held_out = make(d.synthetic_eval_videos, seed=d.synthetic_seed + 1_000_003)
+    return records.InMemorySource(train), records.InMemorySource(held_out)
+  if d.source == "array_record":
+    train = records.ArrayRecordSource(d.train_path)
+    held_out = records.ArrayRecordSource(d.eval_path) if d.eval_path else None
+    return train, held_out
+  train = records.tfds_source(d.tfds_name, d.train_split, d.tfds_dir)
+  held_out = records.tfds_source(d.tfds_name, d.eval_split, d.tfds_dir) if d.eval_split else None
+  return train, held_out
+
+
+def example_spec(config, selector_cfg) -> records.ExampleSpec:
+  return records.ExampleSpec(
+      num_candidates=selector_cfg.num_candidates, image_size=selector_cfg.vision.image_size,
+      tokens_per_frame=selector_cfg.tokens_per_frame, vision_width=selector_cfg.vision.hidden_size,
+      max_question_length=config.data.max_question_length,
+      max_instruction_length=config.data.max_instruction_length, visual_dtype=config.model.dtype)
+
+
+def local_to_global(batch: dict, shardings: dict) -> dict:
+  """Each process's rows -> one global array per field (batch axis over data x fsdp)."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k]))
+          for k in shardings}
+
+
+def eval_batches(source, transform, spec, cached, global_batch, process_index, process_count):
+  """The held-out split in global batches, one pass, in order; the last batch is padded with
+  weight-0 examples so every process runs the same number of steps."""
+  size = len(source)
+  local = global_batch // process_count
+  steps = math.ceil(size / global_batch)
+
+  def local_batch(s):
+    start = s * global_batch + process_index * local
+    rows = [transform(source[i]) if i < size else records.empty_example(spec, cached)
+            for i in range(start, start + local)]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+  dataset = grain.MapDataset.range(steps).map(local_batch)
+  return steps, dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+
+
+# --- Visual-token cache ---
+
+def fill_visual_cache(config, selector_cfg, graphdef, params, frozen, train_indices, sources,
+                      cache_dir, spec):
+  """Encodes every video this process will read, once, with the frozen tower on the local
+  devices (each process computes only what it needs; writes are atomic)."""
+  cache = visual_cache.VisualTokenCache(cache_dir)
+  train_source, eval_source = sources
+  wanted = [(train_source, i) for i in sorted(set(train_indices))]
+  if eval_source is not None:
+    wanted += [(eval_source, i) for i in range(len(eval_source))]
+  ids = {}
+  for source, i in wanted:
+    record = source[i]
+    if record["video_id"] not in ids and record["video_id"] not in cache:
+      ids[record["video_id"]] = (source, i)
+  if not ids:
+    return cache, 0
+  # The tower's weights, whole on this host (they may be sharded over other processes).
+  local_device = jax.local_devices()[0]
+  gather = lambda tree: jax.tree.map(
+      lambda x: jax.device_put(np.asarray(multihost_utils.process_allgather(
+          x, tiled=True)) if not x.is_fully_addressable else jax.device_get(x), local_device),
+      tree)
+  vision = gather(frozen["vision_tower"])
+  other = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       {k: v for k, v in frozen.items() if k != "vision_tower"})
+  params_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+  @jax.jit
+  def encode(vision, frames):
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+    model = step_lib.merge_model(graphdef, zeros(params_abstract),
+                                 {**zeros(other), "vision_tower": vision})
+    return model.encode_frames(records.normalize_frames(frames))
+
+  videos = ((vid, lambda s=s, i=i: records.record_frames(s[i], spec.image_size))
+            for vid, (s, i) in ids.items())
+  computed = visual_cache.fill(cache, videos, lambda frames: encode(vision, frames),
+                               total=len(ids), show_progress=jax.process_index() == 0)
+  return cache, computed
+
+
+def cache_directory(config, selector_cfg, workdir):
+  if config.data.cache_dir:
+    base = config.data.cache_dir
+  else:
+    base = os.path.join(os.path.dirname(os.path.abspath(workdir)), "visual_cache")
+  key = visual_cache.fingerprint(
+      vision=str(selector_cfg.vision), pool_grid=selector_cfg.pool_grid, dtype=config.model.dtype,
+      frozen_dtype=config.model.frozen_dtype, vision_dir=config.model.vision_dir,
+      seed=None if config.model.vision_dir else config.seed,
+      data=[config.data.source, config.data.train_path, config.data.eval_path,
+            config.data.tfds_name, config.data.synthetic_seed,
+            config.data.synthetic_train_videos, config.data.synthetic_eval_videos])
+  return os.path.join(base, key)
+
+
+# --- The run ---
+
+def run(config, workdir: str | None = None) -> dict:
+  """Trains one stage; returns a summary (final step, last losses, last evaluation)."""
+  workdir = os.path.abspath(workdir or config.workdir)
+  selector_cfg, ratio = check_config(config)
+  setup_distributed(config)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_chief = process_index == 0
+  mesh = make_mesh(config)
+  check_batch(config, mesh, process_count)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  cached = bool(config.data.cache_visual_tokens)
+  spec = example_spec(config, selector_cfg)
+  tokenizer, eos_id = load_tokenizer(config)
+
+  # Data: this process's share of every global batch, in a seeded order.
+  train_source, eval_source = make_sources(config, selector_cfg)
+  global_batch = config.data.global_batch_size
+  steps_per_epoch = len(train_source) // global_batch
+  if steps_per_epoch < 1:
+    raise ConfigError(f"the training split has {len(train_source)} records, fewer than one "
+                      f"global batch of {global_batch}")
+  total_steps = config.train.num_steps or config.train.epochs * steps_per_epoch
+  epochs_needed = math.ceil(total_steps / steps_per_epoch) + 1
+  batching = functools.partial(records.global_batches, global_batch_size=global_batch,
+                               process_index=process_index, process_count=process_count,
+                               seed=config.data.shuffle_seed, num_epochs=epochs_needed)
+
+  # Model and optimizer: trainables in fp32 with optimizer state; the rest frozen.
+  graphdef, params, frozen, param_shardings, frozen_shardings = modeling.prepare(config, mesh, rules)
+  if config.stage == 2:
+    stage1 = {k: params[k] for k in config.train.trainable if k in params}
+    abstract = modeling.abstract_of(stage1, {k: param_shardings[k] for k in stage1})
+    restored, stage1_step = ckpt.restore_params(config.train.init_from, abstract)
+    params = {**params, **restored}
+    logging.info("stage 2: %s from %s step %d", sorted(restored), config.train.init_from,
+                 stage1_step)
+  tx, schedule = step_lib.make_optimizer(config.train, total_steps)
+  opt_shardings = step_lib.opt_state_shardings(tx, params, param_shardings, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+
+  # Visual tokens: computed once per video and read from disk instead of running the ViT.
+  vision_abstract = None
+  transform_kw = dict(spec=spec, tokenizer=tokenizer, eos_id=eos_id,
+                      vocab_size=selector_cfg.llm.vocab_size)
+  if cached:
+    index_batches = batching(grain.MapDataset.range(len(train_source)))
+    train_indices = [int(i) for s in range(min(total_steps, len(index_batches)))
+                     for i in index_batches[s]]
+    cache_dir = cache_directory(config, selector_cfg, workdir)
+    cache, computed = fill_visual_cache(config, selector_cfg, graphdef, params, frozen,
+                                        train_indices, (train_source, eval_source), cache_dir, spec)
+    logging.info("visual-token cache %s: %d videos encoded", cache_dir, computed)
+    vision_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   frozen["vision_tower"])
+    frozen = {k: v for k, v in frozen.items() if k != "vision_tower"}
+    frozen_shardings = {k: v for k, v in frozen_shardings.items() if k != "vision_tower"}
+    transform_kw["visual_lookup"] = cache.get
+  transform = functools.partial(records.make_example, **transform_kw)
+  train_data = batching(grain.MapDataset.source(train_source).map(transform))
+  data_iterator = records.to_iterator(train_data, num_threads=config.data.num_threads,
+                                      worker_count=config.data.worker_count)
+
+  # Resume from the latest checkpoint of this workdir, if any.
+  checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   save_every=config.checkpoint.every_steps,
+                                   keep=config.checkpoint.keep,
+                                   async_save=config.checkpoint.async_save)
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    params, opt_state, meta = checkpointer.restore(
+        start_step, abstract_params=modeling.abstract_of(params, param_shardings),
+        abstract_opt_state=modeling.abstract_of(opt_state, opt_shardings),
+        data_iterator=data_iterator)
+    if meta.get("config_stage") != config.stage:
+      raise ConfigError(f"{workdir} holds a stage-{meta.get('config_stage')} checkpoint; "
+                        f"this config is stage {config.stage}")
+
+  # One jitted step per task, explicit shardings, donated params and optimizer state.
+  tasks = [t for t, count in zip(step_lib.TASKS, ratio) if count]
+  train_steps, fields = {}, {}
+  for task in tasks:
+    fields[task] = step_lib.step_fields(task, cached)
+    train_steps[task] = step_lib.jit_train_step(
+        step_lib.make_train_step(graphdef, tx, task=task, accum_steps=config.train.grad_accum_steps,
+                                 vision_abstract=vision_abstract, mesh=mesh),
+        param_shardings=param_shardings, frozen_shardings=frozen_shardings,
+        opt_shardings=opt_shardings, batch_shardings=step_lib.batch_shardings(mesh, spec, fields[task]),
+        mesh=mesh)
+  eval_fields = step_lib.step_fields("importance", cached)
+  eval_step = step_lib.jit_eval_step(
+      step_lib.make_eval_step(graphdef, k=config.eval.k, top_frames=config.eval.top_frames,
+                              vision_abstract=vision_abstract),
+      param_shardings=param_shardings, frozen_shardings=frozen_shardings,
+      batch_shardings=step_lib.batch_shardings(mesh, spec, eval_fields), mesh=mesh)
+
+  def evaluate(params):
+    if eval_source is None or len(eval_source) == 0:
+      return {}
+    steps, batches = eval_batches(eval_source, transform, spec, cached, global_batch,
+                                  process_index, process_count)
+    limit = config.eval.max_batches or steps
+    totals = {}
+    for s, batch in enumerate(batches):
+      if s >= limit:
+        break
+      out = jax.device_get(eval_step(params, frozen, local_to_global(
+          {k: batch[k] for k in eval_fields}, step_lib.batch_shardings(mesh, spec, eval_fields))))
+      for key, value in out.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+    k = config.eval.k
+    return {"eval/bce": totals["bce_sum"] / max(totals["bce_count"], 1.0),
+            f"eval/recall@{k}": totals["recall_sum"] / max(totals["examples"], 1.0),
+            f"eval/oracle_recall@{k}": totals["oracle_recall_sum"] / max(totals["examples"], 1.0),
+            "eval/examples": totals["examples"]}
+
+  writer = MetricWriter(workdir, enabled=is_chief)
+  writer.event("resume" if start_step else "start", step=start_step, total_steps=total_steps,
+               devices=jax.device_count(), processes=process_count, mesh=dict(mesh.shape),
+               trainable_params=modeling.count_params(params),
+               frozen_params=modeling.count_params(frozen), cached_visual_tokens=cached)
+  if is_chief:
+    logging.info("stage %d: %d steps (%d per epoch), mesh %s, %d trainable / %d frozen params",
+                 config.stage, total_steps, steps_per_epoch, dict(mesh.shape),
+                 modeling.count_params(params), modeling.count_params(frozen))
+
+  # Preemption: SIGTERM asks for a checkpoint at the end of the current step.
+  stop = {"requested": False}
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+
+  meta = {"config": config.to_json(), "config_stage": config.stage, "total_steps": total_steps}
+  last = {}
+  pending = []       # (step, task, metrics on device): read one step late, so the host
+  clock = [time.perf_counter()]  # never stalls the device queue
+
+  def drain():
+    """Reads finished steps' metrics; stops the run at the first non-finite one."""
+    while pending:
+      step, task, metrics = pending.pop(0)
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      step_time, clock[0] = now - clock[0], now
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss) or not bool(metrics["params_finite"]):
+        checkpointer.wait()
+        raise FloatingPointError(
+            f"non-finite training state at step {step} ({task} loss {loss}, gradient norm "
+            f"{float(metrics['grad_norm'])}); the last good checkpoint is step "
+            f"{checkpointer.latest_step()} in {checkpointer.directory}")
+      last.update({"loss": loss, f"loss/{task}": loss})
+      values = {"loss": loss, f"loss/{task}": loss, "lr": float(schedule(step - 1)),
+                "grad_norm": float(metrics["grad_norm"]), "step_time_s": step_time,
+                "examples_per_s": global_batch / step_time}
+      if step % config.log.every_steps == 0 or step == total_steps:
+        writer.scalars(step, values)
+      progress.set_postfix(loss=f"{loss:.4f}", task=task[:5], refresh=False)
+      progress.update(1)
+
+  def save(step, force=False):
+    drain()  # never checkpoint a state whose loss was not checked
+    checkpointer.save(step, params=params, opt_state=opt_state, data_iterator=data_iterator,
+                      meta={**meta, "step": step}, force=force)
+
+  progress = tqdm(total=total_steps, initial=start_step, desc=f"stage {config.stage}",
+                  disable=not (is_chief and config.log.progress), dynamic_ncols=True)
+  preempted = False
+  done = start_step
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      task = task_of_step(step, ratio)
+      local = next(data_iterator)
+      batch = local_to_global({k: local[k] for k in fields[task]},
+                              step_lib.batch_shardings(mesh, spec, fields[task]))
+      params, opt_state, metrics = train_steps[task](params, frozen, opt_state, batch)
+      if len(pending) > 0:
+        drain()
+      pending.append((step, task, metrics))
+      done = step
+      stop_now = stop["requested"]
+      if process_count > 1:  # every process must stop at the same step
+        stop_now = bool(multihost_utils.process_allgather(
+            np.array(stop_now)).any())
+      if stop_now:
+        save(step, force=True)
+        checkpointer.wait()
+        writer.event("preempted", step=step)
+        preempted = True
+        break
+      if step % config.checkpoint.every_steps == 0 or step == total_steps:
+        save(step, force=True)
+      if (config.eval.every_steps and step % config.eval.every_steps == 0) or step == total_steps:
+        drain()
+        results = evaluate(params)
+        if results:
+          writer.scalars(step, results)
+          last.update(results)
+    drain()
+  finally:
+    progress.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+    checkpointer.close()
+    writer.flush()
+    writer.close()
+  return {"step": done, "total_steps": total_steps, "preempted": preempted, **last}
+
+
+def exit_code_for_preemption() -> int:
+  return 128 + signal.SIGTERM
