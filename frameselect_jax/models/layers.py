@@ -131,23 +131,39 @@ def apply_rope(x, cos, sin):
   return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def dot_product_attention(q, k, v, mask):
+def dot_product_attention(q, k, v, mask, *, causal=False, block_size=256):
   """q: (b, s, h, d); k, v: (b, t, kv_heads, d); mask: bool broadcastable to (b, 1, s, t).
 
-  Grouped-query attention without materialising repeated K/V: query heads are
-  viewed as (kv_heads, group). Softmax in float32.
+  Grouped-query attention without materialising repeated K/V: query heads are viewed as
+  (kv_heads, group). Softmax in float32. With `causal`, queries are processed in blocks that
+  only see keys up to the block's end: the skipped keys are masked anyway, so the result is
+  the same while the work and the logits' memory roughly halve for long sequences.
   """
+  s = q.shape[1]
+  if not causal or s <= block_size:
+    return _attention(q, k, v, mask)
+  mask = jnp.broadcast_to(mask, (mask.shape[0], 1, s, k.shape[1]))
+  outs = []
+  for start in range(0, s, block_size):
+    end = min(start + block_size, s)
+    outs.append(_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, :, start:end, :end]))
+  return jnp.concatenate(outs, axis=1)
+
+
+def _attention(q, k, v, mask):
+  # The query heads of each KV head are folded into the query axis, so each KV head is one
+  # plain batched matmul: no repeated K/V, and the layout XLA's CPU and TPU dots like best.
   b, s, h, d = q.shape
   kv_heads = k.shape[2]
   group = h // kv_heads
-  q = q.reshape(b, s, kv_heads, group, d)
-  logits = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+  q = q.reshape(b, s, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * s, d)
+  logits = jnp.einsum("bkqd,btkd->bkqt", q, k, preferred_element_type=jnp.float32)
   logits = logits / math.sqrt(d)
-  big_neg = jnp.finfo(jnp.float32).min
-  logits = jnp.where(mask[:, :, None, :, :], logits, big_neg)
+  mask = jnp.tile(mask[:, 0], (1, group, 1))[:, None]  # (b|1, 1, group * s, t)
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", weights, v)
-  return out.reshape(b, s, h, d)
+  out = jnp.einsum("bkqt,btkd->bkqd", weights, v)
+  return out.reshape(b, kv_heads, group, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 def causal_mask(seq_len, attention_mask=None):

@@ -63,7 +63,7 @@ class Qwen2Attention(nnx.Module):
     k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = dot_product_attention(q, k, v, mask)
+    out = dot_product_attention(q, k, v, mask, causal=True)
     return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
