@@ -126,3 +126,14 @@ def test_tokenizer_loads_from_local_directory(tmp_path):
   assert tokenizer.encode("what is the boy holding ?", add_special_tokens=False) == [1, 2, 3, 4, 5, 6]
   with pytest.raises(FileNotFoundError):
     hf.load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_loading_does_not_import_torch(qwen2_dir, siglip_dir):
+  import subprocess
+  import sys
+  code = (f"import sys; from frameselect_jax import hf; hf.load_qwen2({qwen2_dir!r}); "
+          f"hf.load_siglip({siglip_dir!r}); assert 'torch' not in sys.modules, 'torch imported'")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=repo))
+  assert result.returncode == 0, result.stderr
