@@ -13,6 +13,7 @@ Conventions shared by every strategy:
     than k candidates are valid, all valid ones are returned, followed by -1.
   * ties go to the lowest index (like np.argmax); NaN scores rank lowest (as -inf).
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,160 +26,162 @@ STRATEGIES = ("uniform", "top_k", "nms_greedy")
 
 
 def _check_k(k, n: int) -> None:
-    """k must be a Python int in [1, n]; these checks run at trace time (k is static)."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be a Python int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if k > n:
-        raise ValueError(f"k={k} is larger than the number of candidates n={n}")
+  """k must be a Python int in [1, n]; these checks run at trace time (k is static)."""
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    raise TypeError(f"k must be a Python int, got {type(k).__name__}")
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  if k > n:
+    raise ValueError(f"k={k} is larger than the number of candidates n={n}")
 
 
 def _check_inputs(scores, valid, k):
-    """Casts scores to float32 (NaN -> -inf) and valid to bool, and checks shapes and k."""
-    valid = jnp.asarray(valid).astype(bool)
-    if valid.ndim != 1:
-        raise ValueError(f"valid must be 1-D [n] (use select_batch for [B, n]), got shape {valid.shape}")
-    if scores is not None:
-        scores = jnp.asarray(scores).astype(jnp.float32)
-        if scores.shape != valid.shape:
-            raise ValueError(f"scores {scores.shape} and valid {valid.shape} must have the same shape")
-        scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-    _check_k(k, valid.shape[0])
-    return scores, valid
+  """Casts scores to float32 (NaN -> -inf) and valid to bool, and checks shapes and k."""
+  valid = jnp.asarray(valid).astype(bool)
+  if valid.ndim != 1:
+    raise ValueError(
+      f"valid must be 1-D [n] (use select_batch for [B, n]), got shape {valid.shape}"
+    )
+  if scores is not None:
+    scores = jnp.asarray(scores).astype(jnp.float32)
+    if scores.shape != valid.shape:
+      raise ValueError(f"scores {scores.shape} and valid {valid.shape} must have the same shape")
+    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+  _check_k(k, valid.shape[0])
+  return scores, valid
 
 
 def _sorted_with_fill(indices, chosen, n: int):
-    """Sorts the chosen indices ascending and puts -1 where nothing was chosen, at the end."""
-    keyed = jnp.sort(jnp.where(chosen, indices, n))  # n sorts after every real index
-    return jnp.where(keyed < n, keyed, -1).astype(jnp.int32)
+  """Sorts the chosen indices ascending and puts -1 where nothing was chosen, at the end."""
+  keyed = jnp.sort(jnp.where(chosen, indices, n))  # n sorts after every real index
+  return jnp.where(keyed < n, keyed, -1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames="k")
 def uniform(valid, k: int):
-    """k candidates spread evenly over the valid ones: the valid candidate at the
-    centre of each of k equal runs of valid candidates.
+  """k candidates spread evenly over the valid ones: the valid candidate at the
+  centre of each of k equal runs of valid candidates.
 
-    Returns int32[k], ascending; all valid ones then -1 when fewer than k are valid.
-    """
-    _, valid = _check_inputs(None, valid, k)
-    n = valid.shape[0]
-    n_valid = valid.sum()
-    valid_first = jnp.argsort(jnp.where(valid, 0, 1), stable=True)  # valid indices, ascending, first
-    j = jnp.arange(k)
-    # With n_valid >= k the ranks floor((j + 1/2) * n_valid / k) step by >= 1, so they are unique.
-    rank = jnp.where(n_valid >= k, (2 * j + 1) * n_valid // (2 * k), j)
-    chosen = rank < n_valid
-    return _sorted_with_fill(valid_first[jnp.minimum(rank, n - 1)], chosen, n)
+  Returns int32[k], ascending; all valid ones then -1 when fewer than k are valid.
+  """
+  _, valid = _check_inputs(None, valid, k)
+  n = valid.shape[0]
+  n_valid = valid.sum()
+  valid_first = jnp.argsort(jnp.where(valid, 0, 1), stable=True)  # valid indices, ascending, first
+  j = jnp.arange(k)
+  # With n_valid >= k the ranks floor((j + 1/2) * n_valid / k) step by >= 1, so they are unique.
+  rank = jnp.where(n_valid >= k, (2 * j + 1) * n_valid // (2 * k), j)
+  chosen = rank < n_valid
+  return _sorted_with_fill(valid_first[jnp.minimum(rank, n - 1)], chosen, n)
 
 
 @functools.partial(jax.jit, static_argnames="k")
 def top_k(scores, valid, k: int):
-    """The k valid candidates with the highest scores (ties: lowest index).
+  """The k valid candidates with the highest scores (ties: lowest index).
 
-    Returns int32[k], ascending; all valid ones then -1 when fewer than k are valid.
-    """
-    scores, valid = _check_inputs(scores, valid, k)
-    n = valid.shape[0]
-    # Sort by (valid first, score descending, index ascending): a valid frame with
-    # score -inf still beats padding, which top_k on masked scores would not ensure.
-    order = jnp.lexsort((jnp.arange(n), -scores, ~valid))
-    best = order[:k]
-    return _sorted_with_fill(best, valid[best], n)
+  Returns int32[k], ascending; all valid ones then -1 when fewer than k are valid.
+  """
+  scores, valid = _check_inputs(scores, valid, k)
+  n = valid.shape[0]
+  # Sort by (valid first, score descending, index ascending): a valid frame with
+  # score -inf still beats padding, which top_k on masked scores would not ensure.
+  order = jnp.lexsort((jnp.arange(n), -scores, ~valid))
+  best = order[:k]
+  return _sorted_with_fill(best, valid[best], n)
 
 
 @functools.partial(jax.jit, static_argnames="k")
 def nms_greedy(scores, valid, k: int):
-    """Greedy temporal NMS (the paper's selection).
+  """Greedy temporal NMS (the paper's selection).
 
-    Repeats k times: take the highest-scoring remaining valid candidate (ties:
-    lowest index), then suppress every candidate within distance `gap` of it
-    (indices i-gap .. i+gap), with gap = n_valid // (4k). With all candidates
-    valid this is the paper's n // (4k); counting only valid ones keeps the
-    radius proportional to the real frames of a short, padded video, and means
-    suppression never runs out of candidates before k picks when n_valid >= k.
-    Picks are therefore more than `gap` apart.
+  Repeats k times: take the highest-scoring remaining valid candidate (ties:
+  lowest index), then suppress every candidate within distance `gap` of it
+  (indices i-gap .. i+gap), with gap = n_valid // (4k). With all candidates
+  valid this is the paper's n // (4k); counting only valid ones keeps the
+  radius proportional to the real frames of a short, padded video, and means
+  suppression never runs out of candidates before k picks when n_valid >= k.
+  Picks are therefore more than `gap` apart.
 
-    Returns int32[k], ascending; all valid ones then -1 when fewer than k are valid.
-    """
-    scores, valid = _check_inputs(scores, valid, k)
-    n = valid.shape[0]
-    gap = valid.sum() // (4 * k)
-    positions = jnp.arange(n, dtype=jnp.int32)
+  Returns int32[k], ascending; all valid ones then -1 when fewer than k are valid.
+  """
+  scores, valid = _check_inputs(scores, valid, k)
+  n = valid.shape[0]
+  gap = valid.sum() // (4 * k)
+  positions = jnp.arange(n, dtype=jnp.int32)
 
-    def pick_one(t, carry):
-        available, picks = carry
-        best_score = jnp.max(jnp.where(available, scores, -jnp.inf))
-        # Compare against the best score among available frames instead of an
-        # argmax over masked scores, so a valid frame scored -inf is still found.
-        is_best = available & (scores == best_score)
-        # The lowest index among ties (a min-reduction: about 1.5x faster than
-        # argmax on CPU). It is n only when nothing is left.
-        i = jnp.min(jnp.where(is_best, positions, n))
-        picks = picks.at[t].set(jnp.where(i < n, i, -1))
-        available = available & (jnp.abs(positions - i) > gap)
-        return available, picks
+  def pick_one(t, carry):
+    available, picks = carry
+    best_score = jnp.max(jnp.where(available, scores, -jnp.inf))
+    # Compare against the best score among available frames instead of an
+    # argmax over masked scores, so a valid frame scored -inf is still found.
+    is_best = available & (scores == best_score)
+    # The lowest index among ties (a min-reduction: about 1.5x faster than
+    # argmax on CPU). It is n only when nothing is left.
+    i = jnp.min(jnp.where(is_best, positions, n))
+    picks = picks.at[t].set(jnp.where(i < n, i, -1))
+    available = available & (jnp.abs(positions - i) > gap)
+    return available, picks
 
-    # k is static and small: unrolling lets XLA fuse across picks (about 1.5x on CPU).
-    _, picks = jax.lax.fori_loop(0, k, pick_one, (valid, jnp.full((k,), -1, jnp.int32)), unroll=True)
-    return _sorted_with_fill(picks, picks >= 0, n)
+  # k is static and small: unrolling lets XLA fuse across picks (about 1.5x on CPU).
+  _, picks = jax.lax.fori_loop(0, k, pick_one, (valid, jnp.full((k,), -1, jnp.int32)), unroll=True)
+  return _sorted_with_fill(picks, picks >= 0, n)
 
 
 _STRATEGY_FNS = {"uniform": uniform, "top_k": top_k, "nms_greedy": nms_greedy}
 
 
 def _strategy_fn(strategy: str):
-    if strategy not in _STRATEGY_FNS:
-        raise ValueError(f"unknown selection strategy {strategy!r}; choose one of {STRATEGIES}")
-    return _STRATEGY_FNS[strategy]
+  if strategy not in _STRATEGY_FNS:
+    raise ValueError(f"unknown selection strategy {strategy!r}; choose one of {STRATEGIES}")
+  return _STRATEGY_FNS[strategy]
 
 
 def _select_one(strategy: str, scores, valid, k: int):
-    fn = _strategy_fn(strategy)
-    return fn(valid, k) if strategy == "uniform" else fn(scores, valid, k)
+  fn = _strategy_fn(strategy)
+  return fn(valid, k) if strategy == "uniform" else fn(scores, valid, k)
 
 
 @functools.partial(jax.jit, static_argnames=("strategy", "k"))
 def select(strategy: str, scores, valid, k: int):
-    """Selects k of n candidates with the named strategy ("uniform", "top_k", "nms_greedy").
+  """Selects k of n candidates with the named strategy ("uniform", "top_k", "nms_greedy").
 
-    scores float[n] (ignored by "uniform", may be None there), valid bool[n].
-    Returns int32[k]: ascending, unique, valid; -1 fill when fewer than k are valid.
-    Raises ValueError for an unknown strategy, k < 1 or k > n.
-    """
-    return _select_one(strategy, scores, valid, k)
+  scores float[n] (ignored by "uniform", may be None there), valid bool[n].
+  Returns int32[k]: ascending, unique, valid; -1 fill when fewer than k are valid.
+  Raises ValueError for an unknown strategy, k < 1 or k > n.
+  """
+  return _select_one(strategy, scores, valid, k)
 
 
 @functools.partial(jax.jit, static_argnames=("strategy", "k"))
 def select_batch(strategy: str, scores, valid, k: int):
-    """`select` vmapped over a batch: scores float[B, n], valid bool[B, n] -> int32[B, k]."""
-    _strategy_fn(strategy)  # fail on a bad name before tracing the batch
-    valid = jnp.asarray(valid)
-    if valid.ndim != 2:
-        raise ValueError(f"valid must be 2-D [B, n], got shape {valid.shape}")
-    if strategy == "uniform":
-        return jax.vmap(lambda v: uniform(v, k))(valid)
-    return jax.vmap(lambda s, v: _select_one(strategy, s, v, k))(scores, valid)
+  """`select` vmapped over a batch: scores float[B, n], valid bool[B, n] -> int32[B, k]."""
+  _strategy_fn(strategy)  # fail on a bad name before tracing the batch
+  valid = jnp.asarray(valid)
+  if valid.ndim != 2:
+    raise ValueError(f"valid must be 2-D [B, n], got shape {valid.shape}")
+  if strategy == "uniform":
+    return jax.vmap(lambda v: uniform(v, k))(valid)
+  return jax.vmap(lambda s, v: _select_one(strategy, s, v, k))(scores, valid)
 
 
 def nms_greedy_reference(scores, valid, k: int) -> np.ndarray:
-    """The paper's greedy NMS loop in plain Python/numpy (valid-aware, same gap rule).
+  """The paper's greedy NMS loop in plain Python/numpy (valid-aware, same gap rule).
 
-    Scores are compared in float32, as in the JAX version, so ties match. The
-    slow reference for tests and benchmarks; use `nms_greedy` for real work.
-    """
-    scores = np.asarray(scores, np.float32).copy()
-    valid = np.asarray(valid, bool)
-    _check_k(k, len(valid))
-    scores[np.isnan(scores)] = -np.inf
-    available = valid.copy()
-    gap = int(valid.sum()) // (4 * k)
-    selected = []
-    for _ in range(k):
-        remaining = np.flatnonzero(available)
-        if len(remaining) == 0:
-            break
-        i = int(remaining[np.argmax(scores[remaining])])  # np.argmax: first of ties
-        selected.append(i)
-        available[max(0, i - gap): i + gap + 1] = False
-    return np.array(sorted(selected) + [-1] * (k - len(selected)), np.int32)
+  Scores are compared in float32, as in the JAX version, so ties match. The
+  slow reference for tests and benchmarks; use `nms_greedy` for real work.
+  """
+  scores = np.asarray(scores, np.float32).copy()
+  valid = np.asarray(valid, bool)
+  _check_k(k, len(valid))
+  scores[np.isnan(scores)] = -np.inf
+  available = valid.copy()
+  gap = int(valid.sum()) // (4 * k)
+  selected = []
+  for _ in range(k):
+    remaining = np.flatnonzero(available)
+    if len(remaining) == 0:
+      break
+    i = int(remaining[np.argmax(scores[remaining])])  # np.argmax: first of ties
+    selected.append(i)
+    available[max(0, i - gap) : i + gap + 1] = False
+  return np.array(sorted(selected) + [-1] * (k - len(selected)), np.int32)

@@ -11,6 +11,7 @@ where `valid` is False the frame is zeros, `frame_indices` is -1 and
 `timestamps` is -1.0. A video with fewer than n frames yields each of its frames
 once, followed by padding; a frame is never repeated to fill the budget.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,324 +37,343 @@ SIGLIP_STD = 0.5
 
 
 class VideoError(ValueError):
-    """A video cannot be read, or some of its candidate frames failed to decode."""
+  """A video cannot be read, or some of its candidate frames failed to decode."""
 
 
 class Candidates(NamedTuple):
-    """The n candidate frames of one video (see the module docstring for padding).
+  """The n candidate frames of one video (see the module docstring for padding).
 
-    frames:        uint8 [n, size, size, 3], RGB, squashed to a square (no crop).
-    timestamps:    float32 [n], presentation time of each frame in seconds.
-    valid:         bool [n].
-    frame_indices: int64 [n], source frame numbers.
-    path:          the file.
-    duration:      seconds covered by the video's frames (from its index or
-                   packets; checked against the duration its header declares).
-    """
+  frames:        uint8 [n, size, size, 3], RGB, squashed to a square (no crop).
+  timestamps:    float32 [n], presentation time of each frame in seconds.
+  valid:         bool [n].
+  frame_indices: int64 [n], source frame numbers.
+  path:          the file.
+  duration:      seconds covered by the video's frames (from its index or
+                 packets; checked against the duration its header declares).
+  """
 
-    frames: np.ndarray
-    timestamps: np.ndarray
-    valid: np.ndarray
-    frame_indices: np.ndarray
-    path: str
-    duration: float
+  frames: np.ndarray
+  timestamps: np.ndarray
+  valid: np.ndarray
+  frame_indices: np.ndarray
+  path: str
+  duration: float
 
 
 def sample_timestamps(duration_s: float, n: int) -> np.ndarray:
-    """n timestamps (float64 seconds) at the centres of n equal segments of [0, duration_s)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not duration_s > 0:
-        raise ValueError(f"duration must be > 0, got {duration_s}")
-    return (np.arange(n) + 0.5) * (duration_s / n)
+  """n timestamps (float64 seconds) at the centres of n equal segments of [0, duration_s)."""
+  if n < 1:
+    raise ValueError(f"n must be >= 1, got {n}")
+  if not duration_s > 0:
+    raise ValueError(f"duration must be > 0, got {duration_s}")
+  return (np.arange(n) + 0.5) * (duration_s / n)
 
 
 def candidate_frame_indices(total_frames: int, n: int) -> np.ndarray:
-    """Source frame numbers of the candidates: all frames if there are at most n,
-    else the frame under the centre of each of n equal segments (unique, ascending).
+  """Source frame numbers of the candidates: all frames if there are at most n,
+  else the frame under the centre of each of n equal segments (unique, ascending).
 
-    For a constant frame rate this is `floor(sample_timestamps(duration, n) * fps)`,
-    computed in integers so it does not depend on rounding of the timestamps.
-    """
-    if total_frames <= n:
-        return np.arange(total_frames, dtype=np.int64)
-    j = np.arange(n, dtype=np.int64)
-    return (2 * j + 1) * total_frames // (2 * n)
+  For a constant frame rate this is `floor(sample_timestamps(duration, n) * fps)`,
+  computed in integers so it does not depend on rounding of the timestamps.
+  """
+  if total_frames <= n:
+    return np.arange(total_frames, dtype=np.int64)
+  j = np.arange(n, dtype=np.int64)
+  return (2 * j + 1) * total_frames // (2 * n)
 
 
 def normalize(frames_uint8):
-    """uint8 pixels -> float32 in [-1, 1] (SigLIP: mean = std = 0.5).
+  """uint8 pixels -> float32 in [-1, 1] (SigLIP: mean = std = 0.5).
 
-    Returns the same array type it gets (numpy or jax).
-    """
-    if not hasattr(frames_uint8, "astype"):
-        frames_uint8 = np.asarray(frames_uint8)
-    return (frames_uint8.astype(np.float32) / 255.0 - SIGLIP_MEAN) / SIGLIP_STD
+  Returns the same array type it gets (numpy or jax).
+  """
+  if not hasattr(frames_uint8, "astype"):
+    frames_uint8 = np.asarray(frames_uint8)
+  return (frames_uint8.astype(np.float32) / 255.0 - SIGLIP_MEAN) / SIGLIP_STD
 
 
 def decode_candidates(
-    path,
-    n: int = 128,
-    size: int = 224,
-    backend: str = "auto",
-    allow_partial: bool = False,
+  path,
+  n: int = 128,
+  size: int = 224,
+  backend: str = "auto",
+  allow_partial: bool = False,
 ) -> Candidates:
-    """Decodes n candidate frames spread uniformly over a video, seeking to each.
+  """Decodes n candidate frames spread uniformly over a video, seeking to each.
 
-    Args:
-      path: video file.
-      n: number of candidates.
-      size: output frames are size x size (aspect ratio is not kept, as in
-        SigLIP's preprocessing).
-      backend: "decord", "pyav", or "auto" (decord; PyAV when decord is missing
-        or cannot open the file).
-      allow_partial: if some candidates fail to decode (a truncated or corrupt
-        stream), mark them invalid and warn instead of raising.
+  Args:
+    path: video file.
+    n: number of candidates.
+    size: output frames are size x size (aspect ratio is not kept, as in
+      SigLIP's preprocessing).
+    backend: "decord", "pyav", or "auto" (decord; PyAV when decord is missing
+      or cannot open the file).
+    allow_partial: if some candidates fail to decode (a truncated or corrupt
+      stream), mark them invalid and warn instead of raising.
 
-    Raises:
-      VideoError: missing file, not a video, no decodable frames, or (unless
-        allow_partial) some candidates failed; the message names the file, the
-        cause and the failed candidates.
-    """
-    path = os.fspath(path)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if n < 1 or size < 1:
-        raise ValueError(f"n and size must be >= 1, got n={n}, size={size}")
-    if not os.path.exists(path):
-        raise VideoError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise VideoError(f"{path}: not a regular file")
-    if os.path.getsize(path) == 0:
-        raise VideoError(f"{path}: empty file")
+  Raises:
+    VideoError: missing file, not a video, no decodable frames, or (unless
+      allow_partial) some candidates failed; the message names the file, the
+      cause and the failed candidates.
+  """
+  path = os.fspath(path)
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if n < 1 or size < 1:
+    raise ValueError(f"n and size must be >= 1, got n={n}, size={size}")
+  if not os.path.exists(path):
+    raise VideoError(f"{path}: no such file")
+  if not os.path.isfile(path):
+    raise VideoError(f"{path}: not a regular file")
+  if os.path.getsize(path) == 0:
+    raise VideoError(f"{path}: empty file")
 
-    # "auto": decord first; PyAV when decord is missing or refuses the file (PyAV
-    # often reads it, or at least explains why not).
-    open_errors = []
-    for name in AUTO_ORDER if backend == "auto" else (backend,):
-        try:
-            result = _DECODERS[name](path, n, size)
-            break
-        except _OpenError as error:
-            open_errors.append(f"{name}: {error}")
-    else:
-        raise VideoError(f"{path}: cannot decode it as a video ({'; '.join(open_errors)})")
-    return _finish(path, n, size, result, allow_partial)
+  # "auto": decord first; PyAV when decord is missing or refuses the file (PyAV
+  # often reads it, or at least explains why not).
+  open_errors = []
+  for name in AUTO_ORDER if backend == "auto" else (backend,):
+    try:
+      result = _DECODERS[name](path, n, size)
+      break
+    except _OpenError as error:
+      open_errors.append(f"{name}: {error}")
+  else:
+    raise VideoError(f"{path}: cannot decode it as a video ({'; '.join(open_errors)})")
+  return _finish(path, n, size, result, allow_partial)
 
 
 class _OpenError(Exception):
-    """The backend cannot read this file at all (so "auto" may try the next one)."""
+  """The backend cannot read this file at all (so "auto" may try the next one)."""
 
 
 class _Decoded(NamedTuple):
-    """What a backend returns: the m <= n candidates it tried, and which failed."""
+  """What a backend returns: the m <= n candidates it tried, and which failed."""
 
-    frames: np.ndarray  # uint8 [n, size, size, 3]: the m tried first, zeros after
-    timestamps: np.ndarray  # float [m]
-    frame_indices: np.ndarray  # int [m]
-    failed: dict  # position in the m candidates -> reason
-    duration: float  # end of the last frame the index or packets list, seconds
-    backend: str
+  frames: np.ndarray  # uint8 [n, size, size, 3]: the m tried first, zeros after
+  timestamps: np.ndarray  # float [m]
+  frame_indices: np.ndarray  # int [m]
+  failed: dict  # position in the m candidates -> reason
+  duration: float  # end of the last frame the index or packets list, seconds
+  backend: str
 
 
 def _finish(path, n, size, decoded: _Decoded, allow_partial) -> Candidates:
-    """Applies the failure policy and pads to n (frames in place: no copy of the candidates)."""
-    m = len(decoded.frame_indices)
-    if m == 0:
-        raise VideoError(f"{path}: no decodable frames (the {decoded.backend} backend found none)")
-    ok = np.ones(m, bool)
-    ok[list(decoded.failed)] = False
-    if not ok.any():
-        first = next(iter(decoded.failed.values()))
-        raise VideoError(f"{path}: no decodable frames; all {m} candidates failed "
-                         f"({decoded.backend}; first error: {first})")
-    if decoded.failed:
-        by_reason = {}  # one line per distinct cause, listing its candidates
-        for i, why in sorted(decoded.failed.items()):
-            by_reason.setdefault(why, []).append(
-                f"#{i} (frame {decoded.frame_indices[i]}, {decoded.timestamps[i]:.3f}s)")
-        listing = "; ".join(f"{', '.join(where)}: {why}" for why, where in by_reason.items())
-        message = (f"{path}: {len(decoded.failed)} of {m} candidate frames failed to decode "
-                   f"(truncated or corrupt stream?) with {decoded.backend}: {listing}")
-        if not allow_partial:
-            raise VideoError(message + ". Pass allow_partial=True to mark them invalid instead.")
-        warnings.warn(message + ". Marked invalid.", RuntimeWarning, stacklevel=3)
+  """Applies the failure policy and pads to n (frames in place: no copy of the candidates)."""
+  m = len(decoded.frame_indices)
+  if m == 0:
+    raise VideoError(f"{path}: no decodable frames (the {decoded.backend} backend found none)")
+  ok = np.ones(m, bool)
+  ok[list(decoded.failed)] = False
+  if not ok.any():
+    first = next(iter(decoded.failed.values()))
+    raise VideoError(
+      f"{path}: no decodable frames; all {m} candidates failed "
+      f"({decoded.backend}; first error: {first})"
+    )
+  if decoded.failed:
+    by_reason = {}  # one line per distinct cause, listing its candidates
+    for i, why in sorted(decoded.failed.items()):
+      by_reason.setdefault(why, []).append(
+        f"#{i} (frame {decoded.frame_indices[i]}, {decoded.timestamps[i]:.3f}s)"
+      )
+    listing = "; ".join(f"{', '.join(where)}: {why}" for why, where in by_reason.items())
+    message = (
+      f"{path}: {len(decoded.failed)} of {m} candidate frames failed to decode "
+      f"(truncated or corrupt stream?) with {decoded.backend}: {listing}"
+    )
+    if not allow_partial:
+      raise VideoError(message + ". Pass allow_partial=True to mark them invalid instead.")
+    warnings.warn(message + ". Marked invalid.", RuntimeWarning, stacklevel=3)
 
-    # A container cut short (e.g. an mkv) may still list fewer frames consistently,
-    # and every candidate then decodes: only the header's duration gives it away.
-    declared = _declared_duration(path)
-    if declared and declared - decoded.duration > max(1.0, 0.05 * declared):
-        message = (f"{path}: its frames end at {decoded.duration:.2f}s but its header declares "
-                   f"{declared:.2f}s (truncated?); candidates cover only the frames present")
-        if not allow_partial:
-            raise VideoError(message + ". Pass allow_partial=True to accept that.")
-        warnings.warn(message + ".", RuntimeWarning, stacklevel=3)
+  # A container cut short (e.g. an mkv) may still list fewer frames consistently,
+  # and every candidate then decodes: only the header's duration gives it away.
+  declared = _declared_duration(path)
+  if declared and declared - decoded.duration > max(1.0, 0.05 * declared):
+    message = (
+      f"{path}: its frames end at {decoded.duration:.2f}s but its header declares "
+      f"{declared:.2f}s (truncated?); candidates cover only the frames present"
+    )
+    if not allow_partial:
+      raise VideoError(message + ". Pass allow_partial=True to accept that.")
+    warnings.warn(message + ".", RuntimeWarning, stacklevel=3)
 
-    frames = decoded.frames
-    frames[:m][~ok] = 0
-    timestamps = np.full(n, -1.0, np.float32)
-    frame_indices = np.full(n, -1, np.int64)
-    valid = np.zeros(n, bool)
-    timestamps[:m][ok] = decoded.timestamps[ok]
-    frame_indices[:m][ok] = decoded.frame_indices[ok]
-    valid[:m] = ok
-    return Candidates(frames, timestamps, valid, frame_indices, path, float(decoded.duration))
+  frames = decoded.frames
+  frames[:m][~ok] = 0
+  timestamps = np.full(n, -1.0, np.float32)
+  frame_indices = np.full(n, -1, np.int64)
+  valid = np.zeros(n, bool)
+  timestamps[:m][ok] = decoded.timestamps[ok]
+  frame_indices[:m][ok] = decoded.frame_indices[ok]
+  valid[:m] = ok
+  return Candidates(frames, timestamps, valid, frame_indices, path, float(decoded.duration))
 
 
 def _decode_decord(path, n, size) -> _Decoded:
-    """decord: resizes inside the decoder; get_batch seeks to each candidate frame."""
-    try:
-        import decord
-    except ImportError as error:
-        raise _OpenError(f"not installed ({error})") from error
-    try:
-        reader = decord.VideoReader(path, width=size, height=size)
-    except Exception as error:  # decord raises RuntimeError or its DECORDError
-        raise _OpenError(f"cannot open it: not a video, or truncated/corrupt? ({_short(error)})") from error
-    total = len(reader)
-    if total == 0:
-        raise _OpenError("reports zero frames")  # "auto" then asks PyAV for a second opinion
-    indices = candidate_frame_indices(total, n)
-    times = reader.get_frame_timestamp(indices.tolist())[:, 0].astype(np.float64)
-    duration = float(reader.get_frame_timestamp(total - 1)[1])
-    expected_shape = (len(indices), size, size, 3)
-    failed = {}
-    frames = np.zeros((n, size, size, 3), np.uint8)
-    try:
-        for start in range(0, len(indices), DECORD_CHUNK):
-            chunk = reader.get_batch(indices[start:start + DECORD_CHUNK].tolist()).asnumpy()
-            if chunk.shape[1:] != expected_shape[1:]:
-                raise ValueError(f"get_batch returned {chunk.shape}, expected frames of {expected_shape[1:]}")
-            frames[start:start + len(chunk)] = chunk
-    except Exception:
-        # Something in the batch is unreadable: retry one by one to name the culprits.
-        for position, index in enumerate(indices.tolist()):
-            try:
-                frame = reader[index].asnumpy()
-            except Exception as error:
-                failed[position] = _short(error)
-                continue
-            if frame.shape != expected_shape[1:]:
-                # decord 0.6.0 mis-sizes its output at some sizes (2..24, 48, 72; not
-                # 32, 64, 224, 384...). Not the file's fault: let "auto" use PyAV.
-                raise _OpenError(f"returns frames of shape {frame.shape} for size={size} "
-                                 "(a decord resize bug at some sizes; use backend='pyav')")
-            frames[position] = frame
-    return _Decoded(frames, times, indices, failed, duration, "decord")
+  """decord: resizes inside the decoder; get_batch seeks to each candidate frame."""
+  try:
+    import decord
+  except ImportError as error:
+    raise _OpenError(f"not installed ({error})") from error
+  try:
+    reader = decord.VideoReader(path, width=size, height=size)
+  except Exception as error:  # decord raises RuntimeError or its DECORDError
+    raise _OpenError(
+      f"cannot open it: not a video, or truncated/corrupt? ({_short(error)})"
+    ) from error
+  total = len(reader)
+  if total == 0:
+    raise _OpenError("reports zero frames")  # "auto" then asks PyAV for a second opinion
+  indices = candidate_frame_indices(total, n)
+  times = reader.get_frame_timestamp(indices.tolist())[:, 0].astype(np.float64)
+  duration = float(reader.get_frame_timestamp(total - 1)[1])
+  expected_shape = (len(indices), size, size, 3)
+  failed = {}
+  frames = np.zeros((n, size, size, 3), np.uint8)
+  try:
+    for start in range(0, len(indices), DECORD_CHUNK):
+      chunk = reader.get_batch(indices[start : start + DECORD_CHUNK].tolist()).asnumpy()
+      if chunk.shape[1:] != expected_shape[1:]:
+        raise ValueError(
+          f"get_batch returned {chunk.shape}, expected frames of {expected_shape[1:]}"
+        )
+      frames[start : start + len(chunk)] = chunk
+  except Exception:
+    # Something in the batch is unreadable: retry one by one to name the culprits.
+    for position, index in enumerate(indices.tolist()):
+      try:
+        frame = reader[index].asnumpy()
+      except Exception as error:
+        failed[position] = _short(error)
+        continue
+      if frame.shape != expected_shape[1:]:
+        # decord 0.6.0 mis-sizes its output at some sizes (2..24, 48, 72; not
+        # 32, 64, 224, 384...). Not the file's fault: let "auto" use PyAV.
+        raise _OpenError(
+          f"returns frames of shape {frame.shape} for size={size} "
+          "(a decord resize bug at some sizes; use backend='pyav')"
+        )
+      frames[position] = frame
+  return _Decoded(frames, times, indices, failed, duration, "decord")
 
 
 def _decode_pyav(path, n, size) -> _Decoded:
-    """PyAV: seek to the keyframe before each candidate, decode forward to it."""
-    import av
+  """PyAV: seek to the keyframe before each candidate, decode forward to it."""
+  import av
 
-    try:
-        container = av.open(path)
-    except Exception as error:  # InvalidDataError for non-videos, others for odd files
-        raise _OpenError(f"cannot open it: not a video, or truncated/corrupt? ({_short(error)})") from error
-    with container:
-        if not container.streams.video:
-            raise _OpenError("no video stream")
-        stream = container.streams.video[0]
-        # No frame threading: every seek flushes its pipeline, so it is no faster
-        # here, and each thread holds frames (measured: 2x the memory).
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if not rate:
-            raise _OpenError("no frame rate for the video stream")
-        fps = float(rate)
-        time_base = float(stream.time_base)
-        start_s = (stream.start_time or 0) * time_base
-        total, keyframes = _frame_count_and_keyframes(container, stream, fps, start_s)
-        duration = total / fps
-        indices = candidate_frame_indices(total, n)
+  try:
+    container = av.open(path)
+  except Exception as error:  # InvalidDataError for non-videos, others for odd files
+    raise _OpenError(
+      f"cannot open it: not a video, or truncated/corrupt? ({_short(error)})"
+    ) from error
+  with container:
+    if not container.streams.video:
+      raise _OpenError("no video stream")
+    stream = container.streams.video[0]
+    # No frame threading: every seek flushes its pipeline, so it is no faster
+    # here, and each thread holds frames (measured: 2x the memory).
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate:
+      raise _OpenError("no frame rate for the video stream")
+    fps = float(rate)
+    time_base = float(stream.time_base)
+    start_s = (stream.start_time or 0) * time_base
+    total, keyframes = _frame_count_and_keyframes(container, stream, fps, start_s)
+    duration = total / fps
+    indices = candidate_frame_indices(total, n)
 
-        frames = np.zeros((n, size, size, 3), np.uint8)
-        times = indices / fps  # replaced by each decoded frame's own time
-        got_indices = indices.copy()
-        failed = {}
-        decoded_iter = None  # the running decode after the last seek; None forces a seek
-        last_taken = -1  # never return a source frame twice, even if the stream's times are off
-        for position, target in enumerate(indices.tolist()):
-            target = max(target, last_taken + 1)
-            # Seek only when a keyframe lies between the last decoded frame and the
-            # target; otherwise decoding on reaches it with fewer frames than a seek
-            # (which lands on a keyframe at or before where we already are).
-            keyframe_before = keyframes[max(np.searchsorted(keyframes, target, side="right") - 1, 0)]
-            try:
-                if decoded_iter is None or keyframe_before > last_taken:
-                    container.seek(int(round((start_s + target / fps) / time_base)), stream=stream,
-                                   backward=True, any_frame=False)
-                    decoded_iter = container.decode(stream)
-                frame = None
-                for frame in decoded_iter:
-                    index = int(round((frame.time - start_s) * fps))
-                    if index >= target:
-                        break
-                else:
-                    frame = None
-                if frame is None:
-                    raise EOFError("stream ended before this frame")
-            except Exception as error:
-                failed[position] = _short(error)
-                decoded_iter = None  # the decoder state is suspect: seek afresh
-                continue
-            frames[position] = frame.to_ndarray(width=size, height=size, format="rgb24")
-            times[position] = frame.time - start_s
-            got_indices[position] = last_taken = index
-    return _Decoded(frames, times, got_indices, failed, duration, "pyav")
+    frames = np.zeros((n, size, size, 3), np.uint8)
+    times = indices / fps  # replaced by each decoded frame's own time
+    got_indices = indices.copy()
+    failed = {}
+    decoded_iter = None  # the running decode after the last seek; None forces a seek
+    last_taken = -1  # never return a source frame twice, even if the stream's times are off
+    for position, target in enumerate(indices.tolist()):
+      target = max(target, last_taken + 1)
+      # Seek only when a keyframe lies between the last decoded frame and the
+      # target; otherwise decoding on reaches it with fewer frames than a seek
+      # (which lands on a keyframe at or before where we already are).
+      keyframe_before = keyframes[max(np.searchsorted(keyframes, target, side="right") - 1, 0)]
+      try:
+        if decoded_iter is None or keyframe_before > last_taken:
+          container.seek(
+            int(round((start_s + target / fps) / time_base)),
+            stream=stream,
+            backward=True,
+            any_frame=False,
+          )
+          decoded_iter = container.decode(stream)
+        frame = None
+        for frame in decoded_iter:
+          index = int(round((frame.time - start_s) * fps))
+          if index >= target:
+            break
+        else:
+          frame = None
+        if frame is None:
+          raise EOFError("stream ended before this frame")
+      except Exception as error:
+        failed[position] = _short(error)
+        decoded_iter = None  # the decoder state is suspect: seek afresh
+        continue
+      frames[position] = frame.to_ndarray(width=size, height=size, format="rgb24")
+      times[position] = frame.time - start_s
+      got_indices[position] = last_taken = index
+  return _Decoded(frames, times, got_indices, failed, duration, "pyav")
 
 
 def _declared_duration(path):
-    """The video stream's duration as the container header declares it, in
-    seconds; None when it declares none or PyAV cannot read the header."""
-    import av
+  """The video stream's duration as the container header declares it, in
+  seconds; None when it declares none or PyAV cannot read the header."""
+  import av
 
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            if stream.duration:
-                return stream.duration * float(stream.time_base)
-            tag = stream.metadata.get("DURATION")  # mkv / webm: per track, "HH:MM:SS.nnnnnnnnn"
-            if tag:
-                hours, minutes, seconds = tag.split(":")
-                return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-            if container.duration:
-                return container.duration / 1e6  # av.time_base units; may include audio
-    except Exception:
-        return None
+  try:
+    with av.open(path) as container:
+      stream = container.streams.video[0]
+      if stream.duration:
+        return stream.duration * float(stream.time_base)
+      tag = stream.metadata.get("DURATION")  # mkv / webm: per track, "HH:MM:SS.nnnnnnnnn"
+      if tag:
+        hours, minutes, seconds = tag.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+      if container.duration:
+        return container.duration / 1e6  # av.time_base units; may include audio
+  except Exception:
     return None
+  return None
 
 
 def _frame_count_and_keyframes(container, stream, fps, start_s):
-    """The stream's frame count and its keyframes' frame numbers (ascending, never empty).
+  """The stream's frame count and its keyframes' frame numbers (ascending, never empty).
 
-    From the container's index when it lists every frame (mp4: nothing is
-    read), else from packet headers (mkv, webm: reads the file but decodes
-    nothing; a count from packets, unlike an estimate from the duration, never
-    names a frame past the end). Keyframe numbers may be off by a frame or two
-    (index timestamps can be decode times); they only decide between seeking
-    and decoding on, and either reaches the right frame.
-    """
-    time_base = float(stream.time_base)
-    entries = stream.index_entries
-    if stream.frames and len(entries) == stream.frames:
-        total = stream.frames
-        timestamps = [entry.timestamp for entry in entries if entry.is_keyframe]
-    else:
-        total, timestamps = 0, []
-        for packet in container.demux(stream):
-            if packet.size:  # the demuxer ends with an empty flush packet
-                total += 1
-                if packet.is_keyframe and packet.pts is not None:
-                    timestamps.append(packet.pts)
-    keyframes = sorted({int(round((t * time_base - start_s) * fps)) for t in timestamps})
-    return total, np.array(keyframes or [0], np.int64)
+  From the container's index when it lists every frame (mp4: nothing is
+  read), else from packet headers (mkv, webm: reads the file but decodes
+  nothing; a count from packets, unlike an estimate from the duration, never
+  names a frame past the end). Keyframe numbers may be off by a frame or two
+  (index timestamps can be decode times); they only decide between seeking
+  and decoding on, and either reaches the right frame.
+  """
+  time_base = float(stream.time_base)
+  entries = stream.index_entries
+  if stream.frames and len(entries) == stream.frames:
+    total = stream.frames
+    timestamps = [entry.timestamp for entry in entries if entry.is_keyframe]
+  else:
+    total, timestamps = 0, []
+    for packet in container.demux(stream):
+      if packet.size:  # the demuxer ends with an empty flush packet
+        total += 1
+        if packet.is_keyframe and packet.pts is not None:
+          timestamps.append(packet.pts)
+  keyframes = sorted({int(round((t * time_base - start_s) * fps)) for t in timestamps})
+  return total, np.array(keyframes or [0], np.int64)
 
 
 _DECODERS = {"decord": _decode_decord, "pyav": _decode_pyav}
 
 
 def _short(error: BaseException, limit: int = 200) -> str:
-    """One line naming an exception, without decord's multi-line C++ traces."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+  """One line naming an exception, without decord's multi-line C++ traces."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  text = text if len(text) <= limit else text[:limit] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
