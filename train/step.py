@@ -148,7 +148,7 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro_batches)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))

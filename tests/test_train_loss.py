@@ -1,0 +1,141 @@
+"""The train step itself: losses fall on the tiny config, the cached-visual-token path and the
+ViT path agree, gradient accumulation equals one big batch, and stage 2 starts from stage 1."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from frameselect_jax import checkpoint as ckpt
+from frameselect_jax import records
+from frameselect_jax import sharding as shd
+from train import modeling, trainer
+from train import step as step_lib
+from train_testlib import losses, read_metrics, run_train
+from test_train_config import tiny
+
+
+def build(config):
+  mesh = shd.make_mesh(1, 1, 1, jax.devices()[:1])
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  graphdef, params, frozen, param_sh, frozen_sh = modeling.prepare(config, mesh, rules)
+  return mesh, graphdef, params, frozen, param_sh, frozen_sh
+
+
+def batch_of(config, count=8, seed=3):
+  selector_cfg = modeling.selector_config(config)
+  spec = trainer.example_spec(config, selector_cfg)
+  tokenizer, eos = trainer.load_tokenizer(config)
+  recs = records.needle_records(count // 2, selector_cfg.num_candidates,
+                                selector_cfg.vision.image_size, seed=seed)
+  examples = [records.make_example(r, spec, tokenizer, eos_id=eos,
+                                   vocab_size=selector_cfg.llm.vocab_size) for r in recs]
+  return spec, {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def one_step(config, graphdef, params, frozen, batch, task, *, accum=1, vision_abstract=None):
+  tx, _ = step_lib.make_optimizer(config.train, 10)
+  opt_state = tx.init(params)
+  step = jax.jit(step_lib.make_train_step(graphdef, tx, task=task, accum_steps=accum,
+                                          vision_abstract=vision_abstract))
+  fields = step_lib.step_fields(task, "visual" in batch)
+  new_params, _, metrics = step(params, frozen, opt_state, {k: batch[k] for k in fields})
+  return float(metrics["loss"]), jax.device_get(new_params)
+
+
+def float32_tiny(**changes):
+  # float32 compute so that equal math gives equal numbers to ~1e-6
+  return tiny(model__dtype="float32", model__frozen_dtype="float32",
+              train__warmup_fraction=0.0, train__lr=1e-3, **changes)
+
+
+@pytest.fixture(scope="module")
+def float32_setup():
+  config = float32_tiny()
+  _, graphdef, params, frozen, _, _ = build(config)
+  _, batch = batch_of(config)
+  return config, graphdef, params, frozen, batch
+
+
+def test_cached_visual_tokens_give_the_same_loss_as_running_the_vit(float32_setup):
+  config, graphdef, params, frozen, batch = float32_setup
+  # The cache path: encode once per video (as the trainer does), then drop the tower.
+  encode = jax.jit(lambda frozen, frames: step_lib.merge_model(graphdef, params, frozen)
+                   .encode_frames(records.normalize_frames(frames)))
+  cached = dict(batch, visual=np.asarray(encode(frozen, batch["frames"])))
+  del cached["frames"]
+  vision_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                 frozen["vision_tower"])
+  without_tower = {k: v for k, v in frozen.items() if k != "vision_tower"}
+  for task in ("importance", "instruction"):
+    loss_vit, params_vit = one_step(config, graphdef, params, frozen, batch, task)
+    loss_cached, params_cached = one_step(config, graphdef, params, without_tower, cached, task,
+                                          vision_abstract=vision_abstract)
+    assert np.isfinite(loss_vit)
+    np.testing.assert_allclose(loss_cached, loss_vit, rtol=1e-5, err_msg=task)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params_cached, params_vit)
+
+
+def test_gradient_accumulation_equals_one_big_batch(float32_setup):
+  config, graphdef, params, frozen, batch = float32_setup
+  batch = dict(batch, valid=batch["valid"].copy())
+  batch["valid"][1, 10:] = False  # uneven valid counts: the loss is normalised over the batch
+  loss_1, params_1 = one_step(config, graphdef, params, frozen, batch, "importance", accum=1)
+  loss_4, params_4 = one_step(config, graphdef, params, frozen, batch, "importance", accum=4)
+  np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params_4, params_1)
+
+
+def test_only_the_heads_train_in_stage1_and_lora_joins_in_stage2():
+  mesh = shd.make_mesh(1, 1, 1, jax.devices()[:1])
+  rules = shd.LOGICAL_RULES
+  _, params1, frozen1, _, _ = modeling.prepare_abstract(tiny(), mesh, rules)
+  assert sorted(params1) == ["projector", "score_head", "score_query"]
+  assert sorted(frozen1) == ["llm", "vision_tower"]
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params1))  # fp32 trainables
+  assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(frozen1))  # bf16 backbone
+  _, params2, frozen2, _, _ = modeling.prepare_abstract(tiny(stage=2), mesh, rules)
+  lora = [path for path, _ in jax.tree_util.tree_flatten_with_path(params2["llm"])[0]]
+  assert len(lora) == 2 * 7 * 3  # A and B of 7 projections in each of 3 blocks
+  assert all(str(path[-1].key) in ("lora_a", "lora_b") for path in lora)
+  assert sorted(params2) == ["llm", "projector", "score_head", "score_query"]
+  assert "lora_a" not in str(jax.tree_util.tree_flatten_with_path(frozen2)[0])
+
+
+def test_tiny_loss_falls_and_stage2_starts_from_stage1(tmp_path):
+  """Stage 1 on a fixed small needle dataset: both task losses fall. Stage 2 then starts
+  from stage 1's projector and heads, adds LoRA, and keeps the importance loss falling."""
+  stage1 = str(tmp_path / "stage1")
+  run_train("configs/stage1.py:tiny", stage1, "--config.train.num_steps=32",
+            "--config.train.lr=3e-3", "--config.checkpoint.every_steps=16")
+  importance = [v for s, v in sorted(losses(stage1, "loss/importance").items())]
+  instruction = [v for s, v in sorted(losses(stage1, "loss/instruction").items())]
+  assert len(importance) == len(instruction) == 16
+  assert np.mean(importance[-4:]) < np.mean(importance[:4]) - 0.05, importance
+  assert np.mean(instruction[-4:]) < np.mean(instruction[:4]) - 0.05, instruction
+  metrics = read_metrics(stage1)
+  step_lines = [m for m in metrics if "grad_norm" in m]
+  assert {"lr", "grad_norm", "examples_per_s", "step_time_s"} <= set(step_lines[0])
+  assert any("eval/bce" in m and "eval/recall@4" in m for m in metrics)
+  assert os.listdir(os.path.join(stage1, "tensorboard"))
+  assert ckpt.latest_step(os.path.join(stage1, "checkpoints")) == 32
+
+  stage2 = str(tmp_path / "stage2")
+  run_train("configs/stage2.py:tiny", stage2, "--config.train.num_steps=16",
+            f"--config.train.init_from={stage1}/checkpoints", "--config.train.lr=3e-3",
+            "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=20")
+  first = ckpt.load_params_numpy(os.path.join(stage2, "checkpoints"), step=1)
+  before = ckpt.load_params_numpy(os.path.join(stage1, "checkpoints"))
+  # One Adam step moves each parameter by at most the learning rate (3e-3): stage 2 started
+  # from stage 1's heads, not from a fresh init (which differs by ~0.02).
+  for name in ("projector", "score_query", "score_head"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=3.01e-3, rtol=0),
+                 first[name], before[name])
+  assert "lora_a" in first["llm"]["model"]["layers"]["0"]["self_attn"]["q_proj"]
+  loss2 = [v for s, v in sorted(losses(stage2).items())]
+  assert len(loss2) == 16 and np.mean(loss2[-4:]) < np.mean(loss2[:4])
+  start = [m for m in read_metrics(stage2) if m.get("event") == "start"][0]
+  assert start["trainable_params"] > [m for m in read_metrics(stage1)
+                                      if m.get("event") == "start"][0]["trainable_params"]
