@@ -129,15 +129,18 @@ def read_selection_file(path: str) -> list[dict]:
 
 # --- the selector ---
 
-class _VideoTokens(collections.namedtuple(
-    "_VideoTokens", "tokens timestamps valid frame_indices duration")):
+class VideoTokens(collections.namedtuple(
+    "VideoTokens", "tokens timestamps valid frame_indices duration")):
   """A cache entry: pooled visual tokens (1, n, g*g, D) and the candidates' metadata."""
 
 
 class FrameSelector:
   """A Selector ready for inference: model, tokenizer, candidate geometry, token cache.
 
-  Use the constructors `random`, `from_hf` and `from_checkpoint`.
+  Usually built by `random`, `from_hf` or `from_checkpoint`; directly, it takes any
+  Selector and a tokenizer (`encode(text, add_special_tokens=False) -> ids`). description
+  and trained say where the weights come from (printed by the command). backend picks the
+  video decoder; cache_size is how many videos' visual tokens are kept.
   """
 
   def __init__(self, model: Selector, tokenizer, *, description: str, trained: bool,
@@ -227,9 +230,15 @@ class FrameSelector:
     if llm_dir or vision_dir:
       if not (llm_dir and vision_dir):
         raise ValueError(f"{ckpt_dir}: the config names only one of llm_dir/vision_dir")
-      model = hf.selector_from_hf(llm_dir, vision_dir, num_candidates=m["num_candidates"],
-                                  pool_grid=m["pool_grid"], dtype=compute_dtype,
-                                  seed=config["seed"])
+      try:
+        model = hf.selector_from_hf(llm_dir, vision_dir, num_candidates=m["num_candidates"],
+                                    pool_grid=m["pool_grid"], dtype=compute_dtype,
+                                    seed=config["seed"])
+      except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{ckpt_dir}: its frozen backbone comes from {llm_dir} and {vision_dir}, which "
+            f"cannot be read here ({error}); pass llm_dir=/vision_dir= (--llm/--vision) to "
+            "say where they are on this machine") from error
       source = f"{llm_dir} + {vision_dir}"
     else:
       cfg = hf.selector_config(llm=m["llm"], vision=m["vision"],
@@ -275,7 +284,7 @@ class FrameSelector:
     """Forgets every cached video (the next question about each re-encodes it)."""
     self._cache.clear()
 
-  def visual_tokens(self, path: str, n: int | None = None) -> _VideoTokens:
+  def visual_tokens(self, path: str, n: int | None = None) -> VideoTokens:
     """Decoded, encoded and pooled candidates of a video, from the cache when the file is
     unchanged (same path, mtime and size)."""
     n = self._check_n(n)
@@ -291,14 +300,14 @@ class FrameSelector:
     candidates = video.decode_candidates(path, n=n, size=self.image_size, backend=self.backend)
     tokens = _encode(self.graphdef, self.state, candidates.frames[None])
     self.encode_calls += 1
-    entry = _VideoTokens(tokens, candidates.timestamps, candidates.valid,
+    entry = VideoTokens(tokens, candidates.timestamps, candidates.valid,
                          candidates.frame_indices, candidates.duration)
     self._cache[key] = entry
     while len(self._cache) > self.cache_size:
       self._cache.popitem(last=False)
     return entry
 
-  def score(self, entries: Sequence[_VideoTokens], prompts: Sequence[str]) -> np.ndarray:
+  def score(self, entries: Sequence[VideoTokens], prompts: Sequence[str]) -> np.ndarray:
     """Logits float32[len(prompts), n]; -inf on padding candidates."""
     lengths = [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
     max_length = QUESTION_BUCKET * max(1, math.ceil(max(lengths) / QUESTION_BUCKET))

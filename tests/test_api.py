@@ -179,7 +179,7 @@ def stage2_run(tmp_path_factory):
 
 
 def test_from_checkpoint_rebuilds_the_trained_model(stage2_run, videos):
-  workdir, config, _, trained = stage2_run
+  workdir, config, params, trained = stage2_run
   selector = FrameSelector.from_checkpoint(str(workdir))  # the workdir or its checkpoints/
   assert selector.trained and selector.num_candidates == config.model.num_candidates
   assert "step 3" in selector.description and "stage 2" in selector.description
@@ -188,8 +188,15 @@ def test_from_checkpoint_rebuilds_the_trained_model(stage2_run, videos):
   assert jax.tree.structure(mine) == jax.tree.structure(theirs)  # LoRA adapters included
   for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs)):
     assert a.dtype == b.dtype and a.shape == b.shape
-    # Trained parameters match exactly; the random tiny backbone up to one bf16 rounding.
+    # The random tiny backbone is re-initialised: equal up to one bf16 rounding.
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-4)
+
+  def exactly_restored(path, saved):  # the trained parameters come back bit for bit
+    node = mine
+    for key in path:
+      node = node[key.key]
+    np.testing.assert_array_equal(np.asarray(node), np.asarray(saved))
+  jax.tree_util.tree_map_with_path(exactly_restored, params)
   result = selector.select(videos["long"], QUESTION, k=4)
   assert len(result.indices) == 4
   again = FrameSelector.from_checkpoint(str(workdir / "checkpoints"), dtype="float32")
@@ -204,6 +211,12 @@ def test_incompatible_checkpoints_are_clear_errors(stage2_run, tmp_path):
   _save_trainer_checkpoint(tmp_path / "mismatch", other, params)
   with pytest.raises(ValueError, match="does not match"):
     FrameSelector.from_checkpoint(str(tmp_path / "mismatch"))
+  moved = config.copy_and_resolve_references()
+  with moved.unlocked():  # trained on another machine: its backbone paths are not here
+    moved.model.llm_dir, moved.model.vision_dir = "/elsewhere/qwen", "/elsewhere/siglip"
+  _save_trainer_checkpoint(tmp_path / "moved", moved, params)
+  with pytest.raises(FileNotFoundError, match="llm_dir=/vision_dir="):
+    FrameSelector.from_checkpoint(str(tmp_path / "moved"))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     FrameSelector.from_checkpoint(str(tmp_path / "nowhere"))
   with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
