@@ -19,6 +19,7 @@ CORE = [
     "av==18.1.0",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
+    "pillow==13.0.0",  # thumbnails and JPEG frames in records
 ]
 EXTRAS = {
     # PyTorch reference outputs in tests and the PyTorch backends (CPU build).

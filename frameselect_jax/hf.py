@@ -316,7 +316,13 @@ def load_tokenizer(directory: str):
   from transformers import AutoTokenizer
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"tokenizer directory {directory!r} does not exist")
-  return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  # transformers 5 builds an empty tokenizer (every text -> no tokens) from a directory
+  # without tokenizer files instead of failing; training on empty questions would be silent.
+  if not tokenizer.encode("Which frames help?", add_special_tokens=False):
+    raise FileNotFoundError(f"{directory!r} has no usable tokenizer: no tokenizer files "
+                            "(tokenizer.json, or vocab.json + merges.txt)?")
+  return tokenizer
 
 
 # --- export ---

@@ -126,6 +126,11 @@ def test_tokenizer_loads_from_local_directory(tmp_path):
   assert tokenizer.encode("what is the boy holding ?", add_special_tokens=False) == [1, 2, 3, 4, 5, 6]
   with pytest.raises(FileNotFoundError):
     hf.load_tokenizer(str(tmp_path / "missing"))
+  empty = tmp_path / "no_tokenizer_files"
+  empty.mkdir()
+  (empty / "config.json").write_text('{"model_type": "qwen2"}')
+  with pytest.raises(FileNotFoundError, match="no usable tokenizer"):
+    hf.load_tokenizer(str(empty))
 
 
 def test_loading_does_not_import_torch(qwen2_dir, siglip_dir):
