@@ -18,6 +18,7 @@ CORE = [
     "decord==0.6.0",
     "av==18.1.0",
     "tqdm==4.70.1",
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow (train/metrics.py)
     "matplotlib==3.11.2",
     "pillow==13.0.0",  # thumbnails and JPEG frames in records
 ]
@@ -25,8 +26,10 @@ EXTRAS = {
     # PyTorch reference outputs in tests and the PyTorch backends (CPU build).
     "torch": ["torch==2.13.0"],
     # TPU runtime: ahead-of-time compilation for TPU topologies from a CPU host.
-    "tpu": ["jax[tpu]==0.10.2"],
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15"],
+    # libtpu 0.0.42.1 is the build jax[tpu]==0.10.2 resolves to (it requires libtpu==0.0.42.*).
+    "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
+    # libtpu here too: the AOT-compile tests (tests/test_train_compile.py) need it, no TPU.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15", "libtpu==0.0.42.1"],
 }
 
 setup(

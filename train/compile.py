@@ -1,0 +1,307 @@
+"""Ahead-of-time compilation of the real train step for a TPU topology, on a CPU host.
+
+  python -m train.compile --config=configs/stage2.py --topology=v5e:4x4
+
+Needs libtpu installed (`pip install -e .[tpu]`), no TPU. Builds the same jitted step as
+the trainer (same shardings, donation, remat) over abstract arrays, compiles it for the
+topology, and prints per device: argument, output, aliased and temporary memory; FLOPs per
+step (analytic, and the compiler's count); and step-time estimates. Exits 1 when the step
+does not fit the chip's HBM, naming the numbers.
+
+What the numbers are (DESIGN.md explains why the compiler's own estimate is not used):
+  model FLOPs      the useful work per step, counted analytically from the config: forward
+                   of every block that runs, plus backward to activations everywhere the
+                   gradient flows, plus weight gradients of the trainable matmuls only
+  hardware FLOPs   model FLOPs plus the forward recomputation that remat adds
+  compute bound    hardware FLOPs per chip / the chip's published peak bf16 FLOP/s
+  memory bound     the compiler's bytes accessed per chip / the chip's published HBM bandwidth
+  ICI bound        analytic bytes of the FSDP all-gathers and tensor-parallel all-reduces per
+                   chip / the chip's published ICI bandwidth (no overlap assumed within it)
+  estimated step   max of the three bounds (a roofline: perfect overlap, no other stalls)
+  implied MFU      model FLOPs / (estimated step x chips x peak)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+# We only compile, never run on a TPU: let several processes load libtpu at once (otherwise
+# a second process fails on libtpu's lockfile).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2, v5e:4x4, v5p:2x2x1.")
+flags.DEFINE_string("json_out", None, "Also write the report as JSON to this file.")
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  peak_bf16_flops: float     # FLOP/s per chip (published)
+  hbm_bytes: float           # HBM capacity usable by a program
+  hbm_bytes_per_s: float     # HBM bandwidth
+  ici_bytes_per_s: float     # inter-chip interconnect bandwidth per chip
+
+
+# Published per-chip figures (cloud.google.com/tpu/docs/<version>).
+CHIPS = {
+    "TPU v5 lite": Chip("v5e", 197e12, 15.75 * GIB, 819e9, 1600e9 / 8),
+    "TPU v5": Chip("v5p", 459e12, 95 * GIB, 2765e9, 4800e9 / 8),
+    "TPU v4": Chip("v4", 275e12, 32 * GIB, 1228e9, 2400e9 / 8),
+    "TPU v6 lite": Chip("v6e", 918e12, 32 * GIB, 1640e9, 3584e9 / 8),
+}
+
+
+def topology_devices(name: str):
+  try:
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(name, "tpu").devices
+  except Exception as e:  # libtpu missing, or an unknown topology name
+    raise SystemExit(f"cannot describe TPU topology {name!r}: {e}\n(is libtpu installed? "
+                     f"pip install -e .[tpu])") from None
+
+
+# --- Analytic FLOPs ---
+
+def _dense_flops(in_features, out_features):
+  return 2 * in_features * out_features
+
+
+def llm_block_flops(llm, seq_len, lora_rank=0):
+  """(frozen matmul, trainable LoRA matmul, attention) forward FLOPs per token of one block."""
+  d, hd = llm.hidden_size, llm.head_dim
+  q, kv = llm.num_attention_heads * hd, llm.num_key_value_heads * hd
+  shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, llm.intermediate_size),
+            (d, llm.intermediate_size), (llm.intermediate_size, d)]
+  frozen = sum(_dense_flops(i, o) for i, o in shapes)
+  lora = sum(_dense_flops(i, lora_rank) + _dense_flops(lora_rank, o) for i, o in shapes) \
+      if lora_rank else 0
+  attention = 2 * 2 * seq_len * q  # scores and weighted values, full s x s as computed
+  return frozen, lora, attention
+
+
+def step_flops(config, selector_cfg, task, cached):
+  """(model FLOPs, hardware FLOPs) of one optimizer step over the global batch."""
+  llm, vision = selector_cfg.llm, selector_cfg.vision
+  batch = config.data.global_batch_size
+  visual_tokens = selector_cfg.num_visual_tokens
+  lora_rank = config.lora.rank if config.stage == 2 else 0
+  if task == "importance":
+    seq, blocks, lm_head_tokens = visual_tokens + config.data.max_question_length + 1, \
+        llm.num_hidden_layers - 1, 0
+  else:
+    seq, blocks, lm_head_tokens = visual_tokens + config.data.max_instruction_length, \
+        llm.num_hidden_layers, config.data.max_instruction_length
+  frozen, lora, attention = llm_block_flops(llm, seq, lora_rank)
+  # Blocks: forward; backward to activations (frozen matmuls 1x, attention 2x); weight
+  # gradients of LoRA (trainable: 2x forward in all).
+  block_fwd = seq * blocks * (frozen + lora + attention)
+  block_bwd = seq * blocks * (frozen + 2 * lora + 2 * attention)
+  # Projector (trainable) on visual tokens; LM head (frozen, tied) on the text positions;
+  # score head once per example.
+  proj_fwd = visual_tokens * (_dense_flops(vision.hidden_size, llm.hidden_size)
+                              + _dense_flops(llm.hidden_size, llm.hidden_size))
+  head_fwd = lm_head_tokens * _dense_flops(llm.hidden_size, llm.vocab_size)
+  score_fwd = (_dense_flops(llm.hidden_size, llm.hidden_size)
+               + _dense_flops(llm.hidden_size, selector_cfg.num_candidates))
+  model = block_fwd + block_bwd + 3 * proj_fwd + 2 * head_fwd + 3 * score_fwd
+  if not cached:  # frozen ViT forward on every candidate frame (no backward)
+    tokens = vision.grid_size ** 2
+    per_token = vision.num_hidden_layers * (
+        4 * _dense_flops(vision.hidden_size, vision.hidden_size)
+        + 2 * _dense_flops(vision.hidden_size, vision.intermediate_size)
+        + 2 * 2 * tokens * vision.hidden_size) \
+        + _dense_flops(vision.patch_size ** 2 * 3, vision.hidden_size)
+    model += selector_cfg.num_candidates * tokens * per_token
+  hardware = model + (block_fwd if config.model.remat else 0)
+  return model * batch, hardware * batch
+
+
+def ici_bytes_per_chip(config, selector_cfg, task, mesh, params_bytes):
+  """Analytic per-chip bytes of the collectives: FSDP all-gathers of every weight for the
+  forward, the remat recompute and the backward; tensor-parallel all-reduces of the
+  attention and MLP outputs."""
+  fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+  passes = 3 if config.model.remat else 2
+  gather = params_bytes * (fsdp - 1) / max(fsdp, 1) / tensor * passes
+  if tensor == 1:
+    return gather
+  llm = selector_cfg.llm
+  seq = selector_cfg.num_visual_tokens + (config.data.max_question_length + 1 if task == "importance"
+                                          else config.data.max_instruction_length)
+  local_batch = config.data.global_batch_size / (mesh.shape["data"] * fsdp)
+  activation = local_batch * seq * llm.hidden_size * 2  # bf16
+  # ring all-reduce moves 2 (t-1)/t of the buffer; 2 per block per pass
+  reduce = 2 * (tensor - 1) / tensor * activation * 2 * llm.num_hidden_layers * passes
+  return gather + reduce
+
+
+# --- Compile ---
+
+def compile_report(config, topology: str) -> dict:
+  from train import modeling, trainer
+  from train import step as step_lib
+
+  devices = topology_devices(topology)
+  kind = devices[0].device_kind
+  if kind not in CHIPS:
+    raise SystemExit(f"no published figures for device kind {kind!r}; known: {sorted(CHIPS)}")
+  chip = CHIPS[kind]
+  selector_cfg, ratio = trainer.check_config(config, runtime=False)
+  mesh = trainer.make_mesh(config, devices)
+  trainer.check_batch(config, mesh, process_count=1)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  cached = bool(config.data.cache_visual_tokens)
+  spec = trainer.example_spec(config, selector_cfg)
+
+  graphdef, params, frozen, param_shardings, frozen_shardings = modeling.prepare_abstract(
+      config, mesh, rules)
+  vision_abstract = None
+  if cached:
+    vision_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   frozen["vision_tower"])
+    frozen = {k: v for k, v in frozen.items() if k != "vision_tower"}
+    frozen_shardings = {k: v for k, v in frozen_shardings.items() if k != "vision_tower"}
+  tx, _ = step_lib.make_optimizer(config.train, max(config.train.num_steps, 1000))
+  opt_shardings = step_lib.opt_state_shardings(tx, params, param_shardings, mesh)
+  opt_state = modeling.abstract_of(jax.eval_shape(tx.init, params), opt_shardings)
+  params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((params, frozen)))
+
+  report = {"topology": topology, "chip": chip.name, "chips": len(devices),
+            "mesh": dict(mesh.shape), "global_batch": config.data.global_batch_size,
+            "llm": config.model.llm, "vision": config.model.vision,
+            "frames": selector_cfg.num_candidates, "tokens_per_frame": selector_cfg.tokens_per_frame,
+            "cached_visual_tokens": cached, "remat": config.model.remat,
+            "trainable_params": modeling.count_params(params),
+            "frozen_params": modeling.count_params(frozen), "tasks": {}}
+  for task in [t for t, count in zip(step_lib.TASKS, ratio) if count]:
+    fields = step_lib.step_fields(task, cached)
+    batch_shardings = step_lib.batch_shardings(mesh, spec, fields)
+    shapes = spec.shapes(cached)
+    batch = {f: jax.ShapeDtypeStruct((config.data.global_batch_size,) + shapes[f][0],
+                                     shapes[f][1], sharding=batch_shardings[f]) for f in fields}
+    jitted = step_lib.jit_train_step(
+        step_lib.make_train_step(graphdef, tx, task=task,
+                                 accum_steps=config.train.grad_accum_steps,
+                                 vision_abstract=vision_abstract, mesh=mesh),
+        param_shardings=param_shardings, frozen_shardings=frozen_shardings,
+        opt_shardings=opt_shardings, batch_shardings=batch_shardings, mesh=mesh)
+    start = time.perf_counter()
+    try:
+      compiled = jitted.lower(params, frozen, opt_state, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # The TPU compiler refuses programs that cannot fit; its message has the numbers.
+      report["tasks"][task] = {"fits": False, "hbm_bytes": chip.hbm_bytes,
+                               "compile_error": str(e).strip().splitlines()[0]}
+      continue
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    model_flops, hardware_flops = step_flops(config, selector_cfg, task, cached)
+    chips = len(devices)
+    per_device_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                        - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    compute_s = hardware_flops / chips / chip.peak_bf16_flops
+    memory_s = float(cost.get("bytes accessed", 0.0)) / chip.hbm_bytes_per_s
+    ici_s = ici_bytes_per_chip(config, selector_cfg, task, mesh, params_bytes) / chip.ici_bytes_per_s
+    step_s = max(compute_s, memory_s, ici_s)
+    report["tasks"][task] = {
+        "compile_s": compile_s,
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "alias_bytes": memory.alias_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "total_bytes": per_device_bytes,
+        "hbm_bytes": chip.hbm_bytes,
+        "fits": per_device_bytes <= chip.hbm_bytes,
+        "model_flops": model_flops,
+        "hardware_flops": hardware_flops,
+        "compiler_flops_per_device": float(cost.get("flops", 0.0)),
+        "compiler_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+        "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
+        "compute_bound_s": compute_s, "memory_bound_s": memory_s, "ici_bound_s": ici_s,
+        "estimated_step_s": step_s,
+        "implied_mfu": model_flops / (step_s * chips * chip.peak_bf16_flops),
+    }
+  return report
+
+
+def format_report(report: dict) -> str:
+  lines = [f"{report['topology']} ({report['chips']} x {report['chip']}), mesh {report['mesh']}, "
+           f"global batch {report['global_batch']}, {report['llm']} + {report['vision']}, "
+           f"{report['frames']} frames x {report['tokens_per_frame']} tokens, cached visual "
+           f"tokens {report['cached_visual_tokens']}, remat {report['remat']}, "
+           f"{report['trainable_params']:,} trainable / {report['frozen_params']:,} frozen params"]
+  for task, r in report["tasks"].items():
+    gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 4 else f"{b / 2**20:.1f} MiB"
+    if "compile_error" in r:
+      lines.append(f"  {task} step: DOES NOT FIT; the compiler says: {r['compile_error']}")
+      continue
+    opt = r["compiler_optimal_seconds"]
+    lines += [
+        f"  {task} step (compiled in {r['compile_s']:.0f} s), per device:",
+        f"    memory: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
+        f"aliased (donated) {gib(r['alias_bytes'])}, temporaries {gib(r['temp_bytes'])}; "
+        f"total {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM -> "
+        f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"    FLOPs per step: model {r['model_flops']:.3e}, hardware (with remat) "
+        f"{r['hardware_flops']:.3e}; compiler's count {r['compiler_flops_per_device']:.3e} "
+        f"per device ({r['compiler_flops_per_device'] * report['chips']:.3e} in all)",
+        f"    step time: compute bound {r['compute_bound_s'] * 1e3:.1f} ms, memory bound "
+        f"{r['memory_bound_s'] * 1e3:.1f} ms (compiler's {r['compiler_bytes_accessed_per_device'] / 1e9:.1f}"
+        f" GB accessed), ICI bound {r['ici_bound_s'] * 1e3:.1f} ms -> estimated "
+        f"{r['estimated_step_s'] * 1e3:.1f} ms; compiler's optimal_seconds "
+        f"{opt:.3g}{' (negative: meaningless)' if opt < 0 else ''}",
+        f"    implied model-FLOPs utilisation {100 * r['implied_mfu']:.1f}%",
+    ]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS.topology:
+    raise app.UsageError("--topology is required, e.g. --topology=v5e:4x4")
+  from train.trainer import ConfigError
+  try:
+    report = compile_report(flags.FLAGS.config, flags.FLAGS.topology)
+  except ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(format_report(report))
+  if flags.FLAGS.json_out:
+    with open(flags.FLAGS.json_out, "w") as f:
+      json.dump(report, f, indent=2)
+  too_big = [(t, r) for t, r in report["tasks"].items() if not r["fits"]]
+  if too_big:
+    for task, r in too_big:
+      if "compile_error" in r:
+        print(f"error: the {task} step does not fit the {r['hbm_bytes'] / GIB:.2f} GiB HBM of a "
+              f"{report['chip']} chip: {r['compile_error']}", file=sys.stderr)
+        continue
+      print(f"error: the {task} step needs {r['total_bytes'] / GIB:.2f} GiB per device "
+            f"(arguments {r['argument_bytes'] / GIB:.2f} + outputs {r['output_bytes'] / GIB:.2f} "
+            f"- aliased {r['alias_bytes'] / GIB:.2f} + temporaries {r['temp_bytes'] / GIB:.2f}), "
+            f"more than the {r['hbm_bytes'] / GIB:.2f} GiB HBM of a {report['chip']} chip",
+            file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
