@@ -54,7 +54,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
 
 def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
   workdir = str(tmp_path / "run")
-  args = [f"--config.train.num_steps={STEPS}", "--config.checkpoint.every_steps=1000"]
+  args = [*RUN, "--config.checkpoint.every_steps=1000"]  # same programs as above: cached
   process = start_train(CONFIG, workdir, *args)
   wait_for(lambda: len(losses(workdir)) >= 2, process)
   process.send_signal(signal.SIGTERM)

@@ -139,3 +139,22 @@ def test_tiny_loss_falls_and_stage2_starts_from_stage1(tmp_path):
   start = [m for m in read_metrics(stage2) if m.get("event") == "start"][0]
   assert start["trainable_params"] > [m for m in read_metrics(stage1)
                                       if m.get("event") == "start"][0]["trainable_params"]
+
+
+def test_backbones_load_from_hugging_face_directories(tmp_path):
+  """model.llm_dir / model.vision_dir: the frozen backbone is the checkpoint's (bf16 storage),
+  LoRA and the heads are fresh, and a stage-2 step trains on it."""
+  from conftest import save_random_qwen2, save_random_siglip
+  import torch
+  llm_dir, vision_dir = str(tmp_path / "qwen2"), str(tmp_path / "siglip")
+  reference = save_random_qwen2(llm_dir, vocab_size=300)  # the byte tokenizer needs 258 ids
+  save_random_siglip(vision_dir)
+  config = tiny(stage=2, model__llm_dir=llm_dir, model__vision_dir=vision_dir)
+  _, graphdef, params, frozen, _, _ = build(config)
+  embed = reference.model.embed_tokens.weight.detach().to(torch.float32).numpy()
+  np.testing.assert_array_equal(np.asarray(frozen["llm"]["model"]["embed_tokens"]["embedding"]),
+                                embed.astype(jax.numpy.bfloat16))
+  assert "lora_a" in params["llm"]["model"]["layers"][0]["self_attn"]["q_proj"]
+  _, batch = batch_of(config)
+  loss, _ = one_step(config, graphdef, params, frozen, batch, "importance")
+  assert np.isfinite(loss) and 0.3 < loss < 2.0

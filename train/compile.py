@@ -10,9 +10,11 @@ does not fit the chip's HBM, naming the numbers.
 
 What the numbers are (DESIGN.md explains why the compiler's own estimate is not used):
   model FLOPs      the useful work per step, counted analytically from the config: forward
-                   of every block that runs, plus backward to activations everywhere the
-                   gradient flows, plus weight gradients of the trainable matmuls only
-  hardware FLOPs   model FLOPs plus the forward recomputation that remat adds
+                   of every block that runs (attention: the causal triangle), plus backward
+                   to activations everywhere the gradient flows, plus weight gradients of the
+                   trainable matmuls only
+  hardware FLOPs   what the implementation computes: attention's blocked upper corners, and
+                   the forward recomputation that remat adds
   compute bound    hardware FLOPs per chip / the chip's published peak bf16 FLOP/s
   memory bound     the compiler's bytes accessed per chip / the chip's published HBM bandwidth
   ICI bound        analytic bytes of the FSDP all-gathers and tensor-parallel all-reduces per
@@ -80,8 +82,25 @@ def _dense_flops(in_features, out_features):
   return 2 * in_features * out_features
 
 
-def llm_block_flops(llm, seq_len, lora_rank=0):
-  """(frozen matmul, trainable LoRA matmul, attention) forward FLOPs per token of one block."""
+def attention_pairs(seq_len):
+  """(query, key) pairs per sequence: (causally needed, computed by the model's attention).
+
+  models/layers.py computes causal attention in query blocks that see keys up to the
+  block's end, so it computes the lower triangle plus the blocks' upper corners."""
+  import inspect
+  from frameselect_jax.models import layers
+  block = inspect.signature(layers.dot_product_attention).parameters["block_size"].default
+  needed = seq_len * (seq_len + 1) // 2
+  if seq_len <= block:
+    return needed, seq_len * seq_len
+  computed = sum((min(start + block, seq_len) - start) * min(start + block, seq_len)
+                 for start in range(0, seq_len, block))
+  return needed, computed
+
+
+def llm_block_flops(llm, lora_rank=0):
+  """(frozen matmul, trainable LoRA matmul) forward FLOPs per token of one block, and the
+  attention FLOPs per (query, key) pair."""
   d, hd = llm.hidden_size, llm.head_dim
   q, kv = llm.num_attention_heads * hd, llm.num_key_value_heads * hd
   shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, llm.intermediate_size),
@@ -89,8 +108,8 @@ def llm_block_flops(llm, seq_len, lora_rank=0):
   frozen = sum(_dense_flops(i, o) for i, o in shapes)
   lora = sum(_dense_flops(i, lora_rank) + _dense_flops(lora_rank, o) for i, o in shapes) \
       if lora_rank else 0
-  attention = 2 * 2 * seq_len * q  # scores and weighted values, full s x s as computed
-  return frozen, lora, attention
+  per_pair = 2 * 2 * q  # scores and weighted values
+  return frozen, lora, per_pair
 
 
 def step_flops(config, selector_cfg, task, cached):
@@ -105,11 +124,17 @@ def step_flops(config, selector_cfg, task, cached):
   else:
     seq, blocks, lm_head_tokens = visual_tokens + config.data.max_instruction_length, \
         llm.num_hidden_layers, config.data.max_instruction_length
-  frozen, lora, attention = llm_block_flops(llm, seq, lora_rank)
+  frozen, lora, per_pair = llm_block_flops(llm, lora_rank)
+  needed_pairs, computed_pairs = attention_pairs(seq)
   # Blocks: forward; backward to activations (frozen matmuls 1x, attention 2x); weight
-  # gradients of LoRA (trainable: 2x forward in all).
-  block_fwd = seq * blocks * (frozen + lora + attention)
-  block_bwd = seq * blocks * (frozen + 2 * lora + 2 * attention)
+  # gradients of LoRA (trainable: 2x forward in all). Model FLOPs count the causal triangle
+  # of attention; hardware FLOPs what the blocked implementation computes.
+  matmul_fwd = seq * blocks * (frozen + lora)
+  matmul_bwd = seq * blocks * (frozen + 2 * lora)
+  block_fwd = matmul_fwd + blocks * per_pair * needed_pairs
+  block_bwd = matmul_bwd + 2 * blocks * per_pair * needed_pairs
+  block_fwd_hw = matmul_fwd + blocks * per_pair * computed_pairs
+  block_bwd_hw = matmul_bwd + 2 * blocks * per_pair * computed_pairs
   # Projector (trainable) on visual tokens; LM head (frozen, tied) on the text positions;
   # score head once per example.
   proj_fwd = visual_tokens * (_dense_flops(vision.hidden_size, llm.hidden_size)
@@ -117,7 +142,9 @@ def step_flops(config, selector_cfg, task, cached):
   head_fwd = lm_head_tokens * _dense_flops(llm.hidden_size, llm.vocab_size)
   score_fwd = (_dense_flops(llm.hidden_size, llm.hidden_size)
                + _dense_flops(llm.hidden_size, selector_cfg.num_candidates))
-  model = block_fwd + block_bwd + 3 * proj_fwd + 2 * head_fwd + 3 * score_fwd
+  other = 3 * proj_fwd + 2 * head_fwd + 3 * score_fwd
+  model = block_fwd + block_bwd + other
+  hardware = block_fwd_hw + block_bwd_hw + other + (block_fwd_hw if config.model.remat else 0)
   if not cached:  # frozen ViT forward on every candidate frame (no backward)
     tokens = vision.grid_size ** 2
     per_token = vision.num_hidden_layers * (
@@ -125,8 +152,8 @@ def step_flops(config, selector_cfg, task, cached):
         + 2 * _dense_flops(vision.hidden_size, vision.intermediate_size)
         + 2 * 2 * tokens * vision.hidden_size) \
         + _dense_flops(vision.patch_size ** 2 * 3, vision.hidden_size)
-    model += selector_cfg.num_candidates * tokens * per_token
-  hardware = model + (block_fwd if config.model.remat else 0)
+    vit = selector_cfg.num_candidates * tokens * per_token
+    model, hardware = model + vit, hardware + vit
   return model * batch, hardware * batch
 
 
