@@ -82,15 +82,20 @@ def _dense_flops(in_features, out_features):
   return 2 * in_features * out_features
 
 
-def attention_pairs(seq_len):
-  """(query, key) pairs per sequence: (causally needed, computed by the model's attention).
+def attention_pairs(seq_len, attention="xla"):
+  """(query, key) pairs per sequence: (causally needed, computed by the implementation).
 
-  models/layers.py computes causal attention in query blocks that see keys up to the
-  block's end, so it computes the lower triangle plus the blocks' upper corners."""
+  XLA (models/layers.py) computes causal attention in query blocks that see keys up to the
+  block's end; the flash kernel skips whole 128 x 128 blocks above the diagonal of the
+  sequence padded to a multiple of 128."""
   import inspect
+  from frameselect_jax import tpu_attention
   from frameselect_jax.models import layers
-  block = inspect.signature(layers.dot_product_attention).parameters["block_size"].default
   needed = seq_len * (seq_len + 1) // 2
+  if attention == "flash":
+    blocks = -(-seq_len // tpu_attention.BLOCK)
+    return needed, blocks * (blocks + 1) // 2 * tpu_attention.BLOCK ** 2
+  block = inspect.signature(layers.dot_product_attention).parameters["block_size"].default
   if seq_len <= block:
     return needed, seq_len * seq_len
   computed = sum((min(start + block, seq_len) - start) * min(start + block, seq_len)
@@ -112,7 +117,7 @@ def llm_block_flops(llm, lora_rank=0):
   return frozen, lora, per_pair
 
 
-def step_flops(config, selector_cfg, task, cached):
+def step_flops(config, selector_cfg, task, cached, attention="xla"):
   """(model FLOPs, hardware FLOPs) of one optimizer step over the global batch."""
   llm, vision = selector_cfg.llm, selector_cfg.vision
   batch = config.data.global_batch_size
@@ -125,7 +130,10 @@ def step_flops(config, selector_cfg, task, cached):
     seq, blocks, lm_head_tokens = visual_tokens + config.data.max_instruction_length, \
         llm.num_hidden_layers, config.data.max_instruction_length
   frozen, lora, per_pair = llm_block_flops(llm, lora_rank)
-  needed_pairs, computed_pairs = attention_pairs(seq)
+  needed_pairs, computed_pairs = attention_pairs(seq, attention)
+  # The flash backward recomputes the scores in both of its kernels: 7 pair-matmuls, 3.5x
+  # the forward's 2, where XLA's backward does 4 (2x).
+  bwd_pair_factor = 3.5 if attention == "flash" else 2
   # Blocks: forward; backward to activations (frozen matmuls 1x, attention 2x); weight
   # gradients of LoRA (trainable: 2x forward in all). Model FLOPs count the causal triangle
   # of attention; hardware FLOPs what the blocked implementation computes.
@@ -134,7 +142,7 @@ def step_flops(config, selector_cfg, task, cached):
   block_fwd = matmul_fwd + blocks * per_pair * needed_pairs
   block_bwd = matmul_bwd + 2 * blocks * per_pair * needed_pairs
   block_fwd_hw = matmul_fwd + blocks * per_pair * computed_pairs
-  block_bwd_hw = matmul_bwd + 2 * blocks * per_pair * computed_pairs
+  block_bwd_hw = matmul_bwd + bwd_pair_factor * blocks * per_pair * computed_pairs
   # Projector (trainable) on visual tokens; LM head (frozen, tied) on the text positions;
   # score head once per example.
   proj_fwd = visual_tokens * (_dense_flops(vision.hidden_size, llm.hidden_size)
@@ -214,6 +222,8 @@ def compile_report(config, topology: str) -> dict:
             "cached_visual_tokens": cached, "remat": config.model.remat,
             "trainable_params": modeling.count_params(params),
             "frozen_params": modeling.count_params(frozen), "tasks": {}}
+  attention = step_lib.attention_for(config, mesh, "tpu")
+  report["attention"] = "flash" if attention is not None else "xla"
   for task in [t for t, count in zip(step_lib.TASKS, ratio) if count]:
     fields = step_lib.step_fields(task, cached)
     batch_shardings = step_lib.batch_shardings(mesh, spec, fields)
@@ -223,7 +233,7 @@ def compile_report(config, topology: str) -> dict:
     jitted = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, tx, task=task,
                                  accum_steps=config.train.grad_accum_steps,
-                                 vision_abstract=vision_abstract, mesh=mesh),
+                                 vision_abstract=vision_abstract, mesh=mesh, attention=attention),
         param_shardings=param_shardings, frozen_shardings=frozen_shardings,
         opt_shardings=opt_shardings, batch_shardings=batch_shardings, mesh=mesh)
     start = time.perf_counter()
@@ -240,7 +250,8 @@ def compile_report(config, topology: str) -> dict:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    model_flops, hardware_flops = step_flops(config, selector_cfg, task, cached)
+    model_flops, hardware_flops = step_flops(config, selector_cfg, task, cached,
+                                             report["attention"])
     chips = len(devices)
     per_device_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                         - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
@@ -274,6 +285,7 @@ def format_report(report: dict) -> str:
            f"global batch {report['global_batch']}, {report['llm']} + {report['vision']}, "
            f"{report['frames']} frames x {report['tokens_per_frame']} tokens, cached visual "
            f"tokens {report['cached_visual_tokens']}, remat {report['remat']}, "
+           f"{report['attention']} attention, "
            f"{report['trainable_params']:,} trainable / {report['frozen_params']:,} frozen params"]
   for task, r in report["tasks"].items():
     gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 4 else f"{b / 2**20:.1f} MiB"

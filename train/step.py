@@ -14,6 +14,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from frameselect_jax import selection
+from frameselect_jax import tpu_attention
+from frameselect_jax.models import layers
 from frameselect_jax.records import normalize_frames
 
 TASKS = ("instruction", "importance")
@@ -21,6 +23,19 @@ MODEL_INPUTS = {
     "importance": ("valid", "labels", "question_ids", "question_mask", "weight"),
     "instruction": ("valid", "text_ids", "text_mask", "answer_mask", "weight"),
 }
+
+
+def attention_for(config, mesh, platform: str):
+  """The causal attention the step traces with: `model.attention` = xla | flash | auto
+  (auto: the Pallas flash kernel when compiling for TPU, XLA's attention elsewhere)."""
+  choice = config.model.attention
+  if choice not in ("auto", "xla", "flash"):
+    raise ValueError(f"model.attention must be auto, xla or flash, got {choice!r}")
+  if choice == "flash" or (choice == "auto" and platform == "tpu"):
+    if platform != "tpu":
+      raise ValueError(f"model.attention='flash' is a TPU kernel; this step targets {platform}")
+    return tpu_attention.flash_attention(mesh)
+  return None
 
 
 def step_fields(task: str, cached: bool) -> tuple[str, ...]:
@@ -106,7 +121,7 @@ def _batch_spec(mesh, ndim, leading=()):
 
 
 def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abstract=None,
-                    mesh=None):
+                    mesh=None, attention=None):
   """step(params, frozen, opt_state, batch) -> (params, opt_state, metrics).
 
   With accum_steps > 1 the global batch is split into that many micro-batches (each still
@@ -119,10 +134,11 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
 
   def micro_loss(params, frozen, micro, count):
     model = merge_model(graphdef, params, frozen, vision_abstract)
-    if task == "importance":
-      total, _, _ = importance_sums(model, micro)
-    else:
-      total, _ = instruction_sums(model, micro)
+    with layers.attention_implementation(attention):
+      if task == "importance":
+        total, _, _ = importance_sums(model, micro)
+      else:
+        total, _ = instruction_sums(model, micro)
     return total / count
 
   grad_fn = jax.value_and_grad(micro_loss)
@@ -158,7 +174,7 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
   return step
 
 
-def make_eval_step(graphdef, *, k: int, top_frames: int, vision_abstract=None):
+def make_eval_step(graphdef, *, k: int, top_frames: int, vision_abstract=None, attention=None):
   """eval(params, frozen, batch) -> sums: BCE over valid frames, and recall of the label's
   top frames among the k frames greedy NMS picks from the predicted scores (and, as the
   ceiling of that metric, from the labels themselves)."""
@@ -170,7 +186,8 @@ def make_eval_step(graphdef, *, k: int, top_frames: int, vision_abstract=None):
 
   def step(params, frozen, batch):
     model = merge_model(graphdef, params, frozen, vision_abstract)
-    bce_sum, count, logits = importance_sums(model, batch)
+    with layers.attention_implementation(attention):
+      bce_sum, count, logits = importance_sums(model, batch)
     valid = batch["valid"]
     chosen = selection.select_batch("nms_greedy", jnp.where(valid, logits, -jnp.inf), valid, k)
     oracle = selection.select_batch("nms_greedy", batch["labels"], valid, k)

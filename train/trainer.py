@@ -334,20 +334,24 @@ def run(config, workdir: str | None = None) -> dict:
                         f"this config is stage {config.stage}")
 
   # One jitted step per task, explicit shardings, donated params and optimizer state.
+  try:
+    attention = step_lib.attention_for(config, mesh, jax.default_backend())
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   tasks = [t for t, count in zip(step_lib.TASKS, ratio) if count]
   train_steps, fields = {}, {}
   for task in tasks:
     fields[task] = step_lib.step_fields(task, cached)
     train_steps[task] = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, tx, task=task, accum_steps=config.train.grad_accum_steps,
-                                 vision_abstract=vision_abstract, mesh=mesh),
+                                 vision_abstract=vision_abstract, mesh=mesh, attention=attention),
         param_shardings=param_shardings, frozen_shardings=frozen_shardings,
         opt_shardings=opt_shardings, batch_shardings=step_lib.batch_shardings(mesh, spec, fields[task]),
         mesh=mesh)
   eval_fields = step_lib.step_fields("importance", cached)
   eval_step = step_lib.jit_eval_step(
       step_lib.make_eval_step(graphdef, k=config.eval.k, top_frames=config.eval.top_frames,
-                              vision_abstract=vision_abstract),
+                              vision_abstract=vision_abstract, attention=attention),
       param_shardings=param_shardings, frozen_shardings=frozen_shardings,
       batch_shardings=step_lib.batch_shardings(mesh, spec, eval_fields), mesh=mesh)
 

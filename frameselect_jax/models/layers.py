@@ -6,6 +6,7 @@ Parameters are stored in float32; `dtype` is the compute dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Callable
@@ -131,6 +132,23 @@ def apply_rope(x, cos, sin):
   return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+# Causal attention can be swapped, at trace time, for a fused kernel (e.g. the TPU flash
+# attention of frameselect_jax.tpu_attention): see `attention_implementation`.
+_CAUSAL_ATTENTION_OVERRIDE = None
+
+
+@contextlib.contextmanager
+def attention_implementation(fn):
+  """While tracing inside this block, causal `dot_product_attention(q, k, v, mask)` calls
+  `fn(q, k, v, mask)` instead (None: the XLA code below)."""
+  global _CAUSAL_ATTENTION_OVERRIDE
+  previous, _CAUSAL_ATTENTION_OVERRIDE = _CAUSAL_ATTENTION_OVERRIDE, fn
+  try:
+    yield
+  finally:
+    _CAUSAL_ATTENTION_OVERRIDE = previous
+
+
 def dot_product_attention(q, k, v, mask, *, causal=False, block_size=256):
   """q: (b, s, h, d); k, v: (b, t, kv_heads, d); mask: bool broadcastable to (b, 1, s, t).
 
@@ -139,6 +157,8 @@ def dot_product_attention(q, k, v, mask, *, causal=False, block_size=256):
   only see keys up to the block's end: the skipped keys are masked anyway, so the result is
   the same while the work and the logits' memory roughly halve for long sequences.
   """
+  if causal and _CAUSAL_ATTENTION_OVERRIDE is not None:
+    return _CAUSAL_ATTENTION_OVERRIDE(q, k, v, mask)
   s = q.shape[1]
   if not causal or s <= block_size:
     return _attention(q, k, v, mask)
