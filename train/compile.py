@@ -17,8 +17,8 @@ What the numbers are (DESIGN.md explains why the compiler's own estimate is not 
                    the forward recomputation that remat adds
   compute bound    hardware FLOPs per chip / the chip's published peak bf16 FLOP/s
   memory bound     the compiler's bytes accessed per chip / the chip's published HBM bandwidth
-  ICI bound        analytic bytes of the FSDP all-gathers and tensor-parallel all-reduces per
-                   chip / the chip's published ICI bandwidth (no overlap assumed within it)
+  ICI bound        analytic bytes per chip of the gradient all-reduce, the FSDP all-gathers and
+                   the tensor-parallel all-reduces / the chip's published ICI bandwidth
   estimated step   max of the three bounds (a roofline: perfect overlap, no other stalls)
   implied MFU      model FLOPs / (estimated step x chips x peak)
 """
@@ -165,13 +165,15 @@ def step_flops(config, selector_cfg, task, cached, attention="xla"):
   return model * batch, hardware * batch
 
 
-def ici_bytes_per_chip(config, selector_cfg, task, mesh, params_bytes):
-  """Analytic per-chip bytes of the collectives: FSDP all-gathers of every weight for the
-  forward, the remat recompute and the backward; tensor-parallel all-reduces of the
-  attention and MLP outputs."""
+def ici_bytes_per_chip(config, selector_cfg, task, mesh, params_bytes, trainable_bytes):
+  """Analytic per-chip bytes of the collectives: the all-reduce of the trainables' gradients
+  over the batch axes; FSDP all-gathers of every weight for the forward, the remat recompute
+  and the backward; tensor-parallel all-reduces of the attention and MLP outputs."""
   fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+  replicas = mesh.shape["data"] * fsdp
   passes = 3 if config.model.remat else 2
-  gather = params_bytes * (fsdp - 1) / max(fsdp, 1) / tensor * passes
+  gradients = 2 * (replicas - 1) / replicas * trainable_bytes  # ring all-reduce
+  gather = params_bytes * (fsdp - 1) / max(fsdp, 1) / tensor * passes + gradients
   if tensor == 1:
     return gather
   llm = selector_cfg.llm
@@ -257,7 +259,8 @@ def compile_report(config, topology: str) -> dict:
                         - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
     compute_s = hardware_flops / chips / chip.peak_bf16_flops
     memory_s = float(cost.get("bytes accessed", 0.0)) / chip.hbm_bytes_per_s
-    ici_s = ici_bytes_per_chip(config, selector_cfg, task, mesh, params_bytes) / chip.ici_bytes_per_s
+    ici_s = ici_bytes_per_chip(config, selector_cfg, task, mesh, params_bytes,
+                               4 * modeling.count_params(params)) / chip.ici_bytes_per_s
     step_s = max(compute_s, memory_s, ici_s)
     report["tasks"][task] = {
         "compile_s": compile_s,
