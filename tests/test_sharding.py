@@ -86,7 +86,9 @@ def test_sharded_forward_equals_single_device_and_loading_places_shards(tmp_path
     ids2 = jnp.arange(12, dtype=jnp.int32)[None] % 128
     l_sharded = nnx.jit(lambda m, x: m(x)[0])(llm, ids2)
     l_single = nnx.jit(lambda m, x: m(x)[0])(ref, ids2)
-    assert np.abs(np.asarray(l_sharded) - np.asarray(l_single)).max() <= 1e-5
+    # Three random blocks with std-0.2 weights amplify reduction-order differences; the
+    # loaded model is held to the same 1e-4 as the transformers parity tests.
+    np.testing.assert_allclose(np.asarray(l_sharded), np.asarray(l_single), rtol=1e-4, atol=1e-4)
     print("ok")
   """)
   assert "ok" in out
