@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from frameselect_jax import hf, selection, text, video
+import ml_collections
+
+from frameselect_jax import experiment, hf, selection, text, video
 from frameselect_jax.models.selector import DTYPES, Selector, SelectorConfig
 
 # Prompts are right-padded to a multiple of this many tokens (fewer compiled shapes).
@@ -222,41 +224,24 @@ class FrameSelector:
     except Exception as error:
       raise ValueError(f"{ckpt_dir}: step {step} has no readable meta item, so it is not a "
                        f"frameselect training checkpoint ({_short(error)})") from error
-    config = _config_from_meta(meta, ckpt_dir)
-    m = config["model"]
-    llm_dir = llm_dir or m.get("llm_dir") or ""
-    vision_dir = vision_dir or m.get("vision_dir") or ""
-    compute_dtype = dtype or m["dtype"]
-    if llm_dir or vision_dir:
-      if not (llm_dir and vision_dir):
-        raise ValueError(f"{ckpt_dir}: the config names only one of llm_dir/vision_dir")
-      try:
-        model = hf.selector_from_hf(llm_dir, vision_dir, num_candidates=m["num_candidates"],
-                                    pool_grid=m["pool_grid"], dtype=compute_dtype,
-                                    seed=config["seed"])
-      except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"{ckpt_dir}: its frozen backbone comes from {llm_dir} and {vision_dir}, which "
-            f"cannot be read here ({error}); pass llm_dir=/vision_dir= (--llm/--vision) to "
-            "say where they are on this machine") from error
-      source = f"{llm_dir} + {vision_dir}"
-    else:
-      cfg = hf.selector_config(llm=m["llm"], vision=m["vision"],
-                               num_candidates=m["num_candidates"], pool_grid=m["pool_grid"],
-                               dtype=compute_dtype)
-      model = Selector(cfg, rngs=nnx.Rngs(config["seed"]))
-      source = f"random {m['llm']}/{m['vision']} backbone, seed {config['seed']}"
-    if config["stage"] == 2:
-      from frameselect_jax.models.layers import add_lora
-      lora = config["lora"]
-      add_lora(model.llm, lora["pattern"], rank=lora["rank"], alpha=lora["alpha"],
-               rngs=nnx.Rngs(config["seed"] + 1))
-
+    config = ml_collections.ConfigDict(_config_from_meta(meta, ckpt_dir))
+    m = config.model
+    m.llm_dir = llm_dir or m.get("llm_dir") or ""
+    m.vision_dir = vision_dir or m.get("vision_dir") or ""
+    m.dtype = dtype or m.dtype
+    if bool(m.llm_dir) != bool(m.vision_dir):
+      raise ValueError(f"{ckpt_dir}: the config names only one of llm_dir/vision_dir")
+    try:
+      model = experiment.build_model(config)
+    except FileNotFoundError as error:
+      raise FileNotFoundError(
+          f"{ckpt_dir}: its frozen backbone comes from {m.llm_dir} and {m.vision_dir}, which "
+          f"cannot be read here ({error}); pass llm_dir=/vision_dir= (--llm/--vision) to "
+          "say where they are on this machine") from error
+    source = (f"{m.llm_dir} + {m.vision_dir}" if m.llm_dir else
+              f"random {m.llm}/{m.vision} backbone, seed {config.seed}")
     # The trained part, as the trainer split it: the named top-level modules, plus LoRA.
-    heads = tuple(config["train"]["trainable"])
-    is_head = nnx.All(nnx.Param, lambda path, _: path[0] in heads)
-    trainable = nnx.Any(is_head, nnx.LoRAParam) if config["stage"] == 2 else is_head
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    graphdef, params, frozen = nnx.split(model, experiment.trainable_filter(config), ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             nnx.to_pure_dict(params))
@@ -273,7 +258,7 @@ class FrameSelector:
         lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
         frozen)
     model = nnx.merge(graphdef, params, frozen)
-    return cls(model, _tokenizer(tokenizer or _config_tokenizer(config), llm_dir),
+    return cls(model, _tokenizer(tokenizer or _config_tokenizer(config), m.llm_dir or None),
                description=f"checkpoint {ckpt_dir} step {step} (stage {config['stage']}, "
                            f"{source})",
                trained=True, **kwargs)

@@ -259,7 +259,7 @@ def _load_into(abstract_state, tensors: dict[str, np.ndarray], rules, ignored: s
 def load_qwen2(directory: str, *, preset_name: str | None = None, dtype=jnp.float32,
                mesh: Mesh | None = None) -> Qwen2ForCausalLM:
   """Qwen2ForCausalLM (Qwen2 / Qwen2.5) from a local Hugging Face directory."""
-  cfg = _config_or_preset(directory, preset_name, QWEN2_PRESETS, qwen2_config_from_hf)
+  cfg = config_or_preset(directory, preset_name, QWEN2_PRESETS, qwen2_config_from_hf)
   graphdef, abstract = nnx.split(nnx.eval_shape(
       lambda: Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
   state = _load_into(abstract, read_safetensors(directory), QWEN2_RULES, QWEN2_IGNORED, mesh,
@@ -270,7 +270,7 @@ def load_qwen2(directory: str, *, preset_name: str | None = None, dtype=jnp.floa
 def load_siglip(directory: str, *, preset_name: str | None = None, dtype=jnp.float32,
                 mesh: Mesh | None = None) -> SiglipVisionModel:
   """The vision tower of SiglipVisionModel or SiglipModel from a local directory."""
-  cfg = _config_or_preset(directory, preset_name, SIGLIP_PRESETS, siglip_config_from_hf)
+  cfg = config_or_preset(directory, preset_name, SIGLIP_PRESETS, siglip_config_from_hf)
   graphdef, abstract = nnx.split(nnx.eval_shape(
       lambda: SiglipVisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
   state = _load_into(abstract, read_safetensors(directory), SIGLIP_RULES, SIGLIP_IGNORED, mesh,
@@ -278,7 +278,7 @@ def load_siglip(directory: str, *, preset_name: str | None = None, dtype=jnp.flo
   return nnx.merge(graphdef, state)
 
 
-def _config_or_preset(directory, preset_name, presets, from_hf):
+def config_or_preset(directory, preset_name, presets, from_hf):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
   if os.path.isfile(os.path.join(directory, "config.json")):
