@@ -260,21 +260,23 @@ def load_qwen2(directory: str, *, preset_name: str | None = None, dtype=jnp.floa
                mesh: Mesh | None = None) -> Qwen2ForCausalLM:
   """Qwen2ForCausalLM (Qwen2 / Qwen2.5) from a local Hugging Face directory."""
   cfg = config_or_preset(directory, preset_name, QWEN2_PRESETS, qwen2_config_from_hf)
-  graphdef, abstract = nnx.split(nnx.eval_shape(
-      lambda: Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
-  state = _load_into(abstract, read_safetensors(directory), QWEN2_RULES, QWEN2_IGNORED, mesh,
-                     directory, tied=cfg.tie_word_embeddings)
-  return nnx.merge(graphdef, state)
+  return _load_model(directory, lambda: Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
+                     QWEN2_RULES, QWEN2_IGNORED, mesh, tied=cfg.tie_word_embeddings)
 
 
 def load_siglip(directory: str, *, preset_name: str | None = None, dtype=jnp.float32,
                 mesh: Mesh | None = None) -> SiglipVisionModel:
   """The vision tower of SiglipVisionModel or SiglipModel from a local directory."""
   cfg = config_or_preset(directory, preset_name, SIGLIP_PRESETS, siglip_config_from_hf)
-  graphdef, abstract = nnx.split(nnx.eval_shape(
-      lambda: SiglipVisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
-  state = _load_into(abstract, read_safetensors(directory), SIGLIP_RULES, SIGLIP_IGNORED, mesh,
-                     directory)
+  return _load_model(directory, lambda: SiglipVisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
+                     SIGLIP_RULES, SIGLIP_IGNORED, mesh)
+
+
+def _load_model(directory, make_model, rules, ignored, mesh, tied=False):
+  """Builds the module abstractly (no memory) and fills it from the directory's tensors."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
+  state = _load_into(abstract, read_safetensors(directory), rules, ignored, mesh, directory,
+                     tied=tied)
   return nnx.merge(graphdef, state)
 
 
