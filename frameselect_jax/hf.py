@@ -351,21 +351,13 @@ def _lora_denses(model):
   return [(p, d) for p, d in iter_dense(model) if d.lora_a is not None]
 
 
-# Our path -> Hugging Face name, the QWEN2_RULES read backwards (transposes are their own inverse).
-_QWEN2_EXPORT = [
-    (r"model\.embed_tokens\.embedding", r"model.embed_tokens.weight", None),
-    (r"(.*_proj)\.kernel", r"\1.weight", _transpose),
-    (r"(.*_proj)\.bias", r"\1.bias", None),
-    (r"(.*norm)\.weight", r"\1.weight", None),
-    (r"lm_head\.kernel", r"lm_head.weight", _transpose),
-]
-
-
 def _hf_name(key: str):
-  for pattern, template, transform in _QWEN2_EXPORT:
-    if re.fullmatch(pattern, key):
-      return re.sub(pattern, template, key), transform
-  raise ValueError(f"no Hugging Face name for parameter {key}")
+  """Our paths keep Hugging Face names: only the leaf differs (kernel is a transposed weight)."""
+  if key.endswith(".kernel"):
+    return key[:-len("kernel")] + "weight", _transpose
+  if key.endswith(".embedding"):
+    return key[:-len("embedding")] + "weight", None
+  return key, None
 
 
 def save_qwen2(model: Qwen2ForCausalLM, directory: str) -> None:

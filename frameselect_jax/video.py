@@ -92,6 +92,13 @@ def normalize(frames_uint8):
   return (frames_uint8.astype(np.float32) / 255.0 - SIGLIP_MEAN) / SIGLIP_STD
 
 
+def _raise_or_warn(message, allow_partial, remedy, outcome):
+  """A partial decode is an error unless the caller allowed it; then it is a warning."""
+  if not allow_partial:
+    raise VideoError(f"{message}. Pass allow_partial=True to {remedy}.")
+  warnings.warn(f"{message}. {outcome}.", RuntimeWarning, stacklevel=4)
+
+
 def decode_candidates(
   path,
   n: int = 128,
@@ -181,9 +188,7 @@ def _finish(path, n, size, decoded: _Decoded, allow_partial) -> Candidates:
       f"{path}: {len(decoded.failed)} of {m} candidate frames failed to decode "
       f"(truncated or corrupt stream?) with {decoded.backend}: {listing}"
     )
-    if not allow_partial:
-      raise VideoError(message + ". Pass allow_partial=True to mark them invalid instead.")
-    warnings.warn(message + ". Marked invalid.", RuntimeWarning, stacklevel=3)
+    _raise_or_warn(message, allow_partial, "mark them invalid instead", "Marked invalid")
 
   # A container cut short (e.g. an mkv) may still list fewer frames consistently,
   # and every candidate then decodes: only the header's duration gives it away.
@@ -193,9 +198,7 @@ def _finish(path, n, size, decoded: _Decoded, allow_partial) -> Candidates:
       f"{path}: its frames end at {decoded.duration:.2f}s but its header declares "
       f"{declared:.2f}s (truncated?); candidates cover only the frames present"
     )
-    if not allow_partial:
-      raise VideoError(message + ". Pass allow_partial=True to accept that.")
-    warnings.warn(message + ".", RuntimeWarning, stacklevel=3)
+    _raise_or_warn(message, allow_partial, "accept that", "Accepted")
 
   frames = decoded.frames
   frames[:m][~ok] = 0
