@@ -20,9 +20,22 @@ from tqdm import tqdm
 
 
 def fingerprint(**parts) -> str:
-  """A short stable hash of JSON-serialisable parts (e.g. config values, checkpoint paths)."""
+  """A short stable hash of JSON-serialisable parts (e.g. config values, checkpoint files)."""
   blob = json.dumps(parts, sort_keys=True, default=str).encode()
   return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def directory_identity(directory: str) -> list:
+  """(name, size, modification time) of each file in a checkpoint directory: cheap to compute
+  for many GB of weights, and it changes when any file is replaced or rewritten."""
+  if not directory:
+    return []
+  entries = []
+  for name in sorted(os.listdir(directory)):
+    stat = os.stat(os.path.join(directory, name))
+    if os.path.isfile(os.path.join(directory, name)):
+      entries.append((name, stat.st_size, stat.st_mtime_ns))
+  return entries
 
 
 class VisualTokenCache:

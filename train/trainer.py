@@ -247,6 +247,7 @@ def cache_directory(config, selector_cfg, workdir):
   key = visual_cache.fingerprint(
       vision=str(selector_cfg.vision), pool_grid=selector_cfg.pool_grid, dtype=config.model.dtype,
       frozen_dtype=config.model.frozen_dtype, vision_dir=config.model.vision_dir,
+      vision_files=visual_cache.directory_identity(config.model.vision_dir),
       seed=None if config.model.vision_dir else config.seed,
       data=[config.data.source, config.data.train_path, config.data.eval_path,
             config.data.tfds_name, config.data.synthetic_seed,
