@@ -16,9 +16,6 @@ import sys
 import tempfile
 import time
 
-# XLA's CPU dots through XNNPACK are markedly faster than its default GEMM; set before jax starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_use_xnnpack=true")
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flax import nnx  # noqa: E402
 

@@ -11,11 +11,7 @@ import sys
 import tempfile
 import time
 
-# XLA's CPU dots through XNNPACK are markedly faster than its default GEMM on this CPU; run with
-# XLA_FLAGS="" to see the default. Must be set before jax starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_use_xnnpack=true")
-
-import jax  # noqa: E402
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -95,7 +91,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}), "
+  print(f"jax {jax.__version__} ({jax.devices()[0].platform}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
         f"torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); n={NUM_CANDIDATES} x {POOL_GRID}x{POOL_GRID} tokens "
         f"+ {QUESTION_LEN} question tokens + 1 query")

@@ -17,11 +17,6 @@ import os
 import sys
 import time
 
-# On CPU, XLA's XNNPACK dot kernels are much faster. Set before jax is first imported;
-# entry point only: the library leaves the user's flags alone.
-if "xla_cpu_use_xnnpack" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_xnnpack=true").strip()
-
 RANDOM_NOTICE = ("note: no --checkpoint given: using the tiny random preset. Its scores are "
                  "untrained and random, so the chosen frames mean nothing; pass --checkpoint "
                  "DIR (a training run) for real selections.")
