@@ -2,7 +2,10 @@
 JAX (jitted, this CPU) against the transformers PyTorch model with identical config and weights.
 
 Prints milliseconds per forward for both and the ratio JAX / PyTorch (target <= 1.0), after
-checking that both give the same scores. Run: python benchmarks/bench_selector.py
+checking that both give the same scores. Our scoring pass computes only the score query's row
+in the last block it runs (nothing reads the other rows); the PyTorch model computes every row.
+A second table compares the blocks alone, every row on both sides (no shortcut): the speed of
+the kernels themselves. Run: python benchmarks/bench_selector.py
 """
 import argparse
 import os
@@ -61,6 +64,10 @@ def build_pair(shape: dict, workdir: str):
   torch_llm.model.norm = torch.nn.Identity()
 
   @torch.inference_mode()
+  def torch_blocks(seq):
+    return torch_llm.model(inputs_embeds=seq).last_hidden_state
+
+  @torch.inference_mode()
   def torch_score(visual_tokens, question_ids):
     visual = projector(visual_tokens).reshape(1, -1, hf_cfg.hidden_size)
     question = torch_llm.model.embed_tokens(question_ids)
@@ -68,7 +75,7 @@ def build_pair(shape: dict, workdir: str):
     hidden = torch_llm.model(inputs_embeds=seq).last_hidden_state
     return head(hidden[:, -1])
 
-  return selector, torch_score
+  return selector, torch_score, torch_blocks
 
 
 def _torch_linear(kernel, bias):
@@ -95,13 +102,15 @@ def main():
         f"torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); n={NUM_CANDIDATES} x {POOL_GRID}x{POOL_GRID} tokens "
         f"+ {QUESTION_LEN} question tokens + 1 query")
-  print(f"{'LLM':<30} {'JAX ms':>9} {'PyTorch ms':>11} {'JAX/PyTorch':>12} {'max |diff|':>11}")
+  header = f"{'LLM':<30} {'JAX ms':>9} {'PyTorch ms':>11} {'JAX/PyTorch':>12} {'max |diff|':>11}"
+  row = lambda name, a, b, diff: f"{name:<30} {a:>9.1f} {b:>11.1f} {a / b:>12.2f} {diff:>11.2e}"
+  scoring, blocks = [], []
   rng = np.random.default_rng(0)
   visual = rng.standard_normal((1, NUM_CANDIDATES, POOL_GRID ** 2, VISION_WIDTH)).astype(np.float32)
   ids = rng.integers(0, 4096, (1, QUESTION_LEN)).astype(np.int32)
   for name, shape in SHAPES.items():
     with tempfile.TemporaryDirectory() as workdir:
-      selector, torch_score = build_pair(shape, workdir)
+      selector, torch_score, torch_blocks = build_pair(shape, workdir)
     graphdef, state = nnx.split(selector)
     mask = jnp.ones((1, QUESTION_LEN), jnp.int32)
     jax_score = jax.jit(lambda s, v, i: nnx.merge(graphdef, s).score(v, i, mask))
@@ -110,7 +119,22 @@ def main():
     diff = np.abs(np.asarray(jax_score(state, v_jax, i_jax)) - torch_score(v_torch, i_torch).numpy()).max()
     jax_ms = timed(lambda: jax_score(state, v_jax, i_jax).block_until_ready(), args.repeats)
     torch_ms = timed(lambda: torch_score(v_torch, i_torch), args.repeats)
-    print(f"{name:<30} {jax_ms:>9.1f} {torch_ms:>11.1f} {jax_ms / torch_ms:>12.2f} {diff:>11.2e}")
+    scoring.append(row(name, jax_ms, torch_ms, diff))
+
+    # The blocks alone, every row: the same L - 1 blocks over the same embeddings.
+    seq_len = NUM_CANDIDATES * POOL_GRID ** 2 + QUESTION_LEN + 1
+    seq = rng.standard_normal((1, seq_len, shape["hidden_size"])).astype(np.float32)
+    jax_blocks = jax.jit(lambda s, x: nnx.merge(graphdef, s).llm.model(
+        x, num_layers=shape["num_hidden_layers"] - 1)[0])
+    s_jax, s_torch = jnp.asarray(seq), torch.from_numpy(seq)
+    diff = np.abs(np.asarray(jax_blocks(state, s_jax)) - torch_blocks(s_torch).numpy()).max()
+    jax_ms = timed(lambda: jax_blocks(state, s_jax).block_until_ready(), args.repeats)
+    torch_ms = timed(lambda: torch_blocks(s_torch), args.repeats)
+    blocks.append(row(name, jax_ms, torch_ms, diff))
+  print("scoring forward (target JAX/PyTorch <= 1.0)")
+  print(header, *scoring, sep="\n")
+  print(f"\nthe blocks alone, every row of all L - 1 blocks on both sides ({seq_len} tokens)")
+  print(header, *blocks, sep="\n")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,22 @@ def test_scores_read_after_penultimate_block(visual_tokens):
   assert not np.allclose(score(model, visual_tokens[:1], ids, mask), before)
 
 
+@pytest.mark.parametrize("num_layers", [0, 1, 2, 3])
+def test_output_rows_equal_the_rows_of_the_full_pass(selector, num_layers):
+  """The scoring shortcut: the last block computes only the wanted row of each example."""
+  llm = selector.llm.model
+  x = jax.random.normal(jax.random.key(3), (3, 11, llm.config.hidden_size))
+  attention_mask = jnp.asarray(np.arange(11)[None] < np.array([[11], [7], [9]]))
+  rows = jnp.array([10, 6, 2])
+  run = nnx.jit(lambda llm, x, m, r: llm(x, attention_mask=m, num_layers=num_layers,
+                                         output_rows=r)[0])
+  full = nnx.jit(lambda llm, x, m: llm(x, attention_mask=m, num_layers=num_layers)[0])
+  got = run(llm, x, attention_mask, rows)
+  assert got.shape == (3, 1, llm.config.hidden_size)
+  expected = np.asarray(full(llm, x, attention_mask))[np.arange(3), np.asarray(rows)][:, None]
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+
+
 def test_question_changes_scores(selector, visual_tokens):
   a = score(selector, visual_tokens[:1], *_questions([6], 6, seed=1))
   b = score(selector, visual_tokens[:1], *_questions([6], 6, seed=2))

@@ -103,13 +103,16 @@ def attention_pairs(seq_len, attention="xla"):
   return needed, computed
 
 
-def llm_block_flops(llm, lora_rank=0):
+def llm_block_flops(llm, lora_rank=0, keys_values_only=False):
   """(frozen matmul, trainable LoRA matmul) forward FLOPs per token of one block, and the
-  attention FLOPs per (query, key) pair."""
+  attention FLOPs per (query, key) pair. keys_values_only: the K and V projections alone
+  (what a block computes for the tokens whose output nothing reads)."""
   d, hd = llm.hidden_size, llm.head_dim
   q, kv = llm.num_attention_heads * hd, llm.num_key_value_heads * hd
-  shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, llm.intermediate_size),
-            (d, llm.intermediate_size), (llm.intermediate_size, d)]
+  shapes = [(d, kv), (d, kv)]
+  if not keys_values_only:
+    shapes += [(d, q), (q, d), (d, llm.intermediate_size), (d, llm.intermediate_size),
+               (llm.intermediate_size, d)]
   frozen = sum(_dense_flops(i, o) for i, o in shapes)
   lora = sum(_dense_flops(i, lora_rank) + _dense_flops(lora_rank, o) for i, o in shapes) \
       if lora_rank else 0
@@ -123,9 +126,9 @@ def step_flops(config, selector_cfg, task, cached, attention="xla"):
   batch = config.data.global_batch_size
   visual_tokens = selector_cfg.num_visual_tokens
   lora_rank = config.lora.rank if config.stage == 2 else 0
-  if task == "importance":
+  if task == "importance":  # blocks before the penultimate's; that one is counted below
     seq, blocks, lm_head_tokens = visual_tokens + config.data.max_question_length + 1, \
-        llm.num_hidden_layers - 1, 0
+        max(llm.num_hidden_layers - 2, 0), 0
   else:
     seq, blocks, lm_head_tokens = visual_tokens + config.data.max_instruction_length, \
         llm.num_hidden_layers, config.data.max_instruction_length
@@ -143,6 +146,17 @@ def step_flops(config, selector_cfg, task, cached, attention="xla"):
   block_bwd = matmul_bwd + 2 * blocks * per_pair * needed_pairs
   block_fwd_hw = matmul_fwd + blocks * per_pair * computed_pairs
   block_bwd_hw = matmul_bwd + bwd_pair_factor * blocks * per_pair * computed_pairs
+  if task == "importance" and llm.num_hidden_layers >= 2:
+    # The last block that runs computes the score query's row alone (XLA attention, one
+    # row of seq keys), plus K and V for every token.
+    kv_frozen, kv_lora, _ = llm_block_flops(llm, lora_rank, keys_values_only=True)
+    row_fwd = (frozen - kv_frozen + lora - kv_lora) + per_pair * seq
+    row_bwd = (frozen - kv_frozen + 2 * (lora - kv_lora)) + 2 * per_pair * seq
+    kv_fwd, kv_bwd = seq * (kv_frozen + kv_lora), seq * (kv_frozen + 2 * kv_lora)
+    block_fwd += kv_fwd + row_fwd
+    block_bwd += kv_bwd + row_bwd
+    block_fwd_hw += kv_fwd + row_fwd
+    block_bwd_hw += kv_bwd + row_bwd
   # Projector (trainable) on visual tokens; LM head (frozen, tied) on the text positions;
   # score head once per example.
   proj_fwd = visual_tokens * (_dense_flops(vision.hidden_size, llm.hidden_size)

@@ -186,6 +186,12 @@ def _attention(q, k, v, mask):
   return out.reshape(b, kv_heads, group, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
+def take_rows(x, rows, axis=1):
+  """x[i, rows[i]] for each example i, keeping the axis (size 1): rows (b,) int."""
+  index = rows.reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.take_along_axis(x, index, axis=axis)
+
+
 def causal_mask(seq_len, attention_mask=None):
   """Boolean (b|1, 1, s, s) mask: causal, and key positions with attention_mask == 0 hidden."""
   mask = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None]

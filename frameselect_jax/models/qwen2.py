@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from frameselect_jax.models.layers import (Dense, Embed, RMSNorm, apply_rope, causal_mask,
-                                           dot_product_attention, rope_cos_sin)
+                                           dot_product_attention, rope_cos_sin, take_rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +57,21 @@ class Qwen2Attention(nnx.Module):
     self.o_proj = Dense(cfg.num_attention_heads * hd, d, axes=("q_heads", "embed"),
                         use_bias=False, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, rows=None):
+    """Self-attention over x (b, s, d). With rows (b,) int, only the output at position
+    rows[i] of each example is computed (b, 1, d): keys and values still cover every token."""
     b, s, _ = x.shape
-    q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = dot_product_attention(q, k, v, mask, causal=True)
-    return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+    k = apply_rope(k, cos, sin)
+    causal = rows is None
+    if rows is not None:
+      # The mask row of each query already holds its causal and padding visibility.
+      x, cos, sin = take_rows(x, rows), take_rows(cos, rows), take_rows(sin, rows)
+      mask = take_rows(jnp.broadcast_to(mask, (b, 1, s, s)), rows, axis=2)
+    q = self.q_proj(x).reshape(b, x.shape[1], self.num_heads, self.head_dim)
+    out = dot_product_attention(apply_rope(q, cos, sin), k, v, mask, causal=causal)
+    return self.o_proj(out.reshape(b, x.shape[1], self.num_heads * self.head_dim))
 
 
 class Qwen2MLP(nnx.Module):
@@ -87,8 +94,10 @@ class Qwen2DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
     self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask):
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+  def __call__(self, x, cos, sin, mask, rows=None):
+    """x (b, s, d) -> (b, s, d); with rows (b,) int, only each example's row rows[i] (b, 1, d)."""
+    residual = x if rows is None else take_rows(x, rows)
+    x = residual + self.self_attn(self.input_layernorm(x), cos, sin, mask, rows)
     return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -103,12 +112,16 @@ class Qwen2Model(nnx.Module):
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
   def __call__(self, inputs_embeds, *, attention_mask=None, position_ids=None,
-               num_layers=None, output_hidden_states=False):
+               num_layers=None, output_rows=None, output_hidden_states=False):
     """Runs the first `num_layers` blocks (all by default) over input embeddings.
 
     Returns (last hidden state, tuple of hidden states). The final norm is applied only
     when every block ran, as in transformers; hidden_states follows transformers'
     convention (embeddings, then each block's output, the last one normed).
+
+    output_rows (b,) int: only the hidden state at position output_rows[i] of each example
+    is wanted, so the last block computes that row alone (its keys and values still cover
+    every token); the last hidden state is then (b, 1, d).
     """
     b, s, _ = inputs_embeds.shape
     num_layers = len(self.layers) if num_layers is None else num_layers
@@ -118,13 +131,16 @@ class Qwen2Model(nnx.Module):
     mask = causal_mask(s, attention_mask)
     x = inputs_embeds
     hidden_states = [x]
-    for layer in self.layers[:num_layers]:
+    for i, layer in enumerate(self.layers[:num_layers]):
+      rows = output_rows if i == num_layers - 1 else None
       if self.remat:
-        x = nnx.remat(lambda layer, x, cos, sin, mask: layer(x, cos, sin, mask))(
-            layer, x, cos, sin, mask)
+        x = nnx.remat(lambda layer, x, cos, sin, mask, rows: layer(x, cos, sin, mask, rows))(
+            layer, x, cos, sin, mask, rows)
       else:
-        x = layer(x, cos, sin, mask)
+        x = layer(x, cos, sin, mask, rows)
       hidden_states.append(x)
+    if output_rows is not None and num_layers == 0:
+      x = take_rows(x, output_rows)
     if num_layers == len(self.layers):
       x = self.norm(x)
       hidden_states[-1] = x

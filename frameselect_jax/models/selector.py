@@ -135,10 +135,11 @@ class Selector(nnx.Module):
     visual_keep = jnp.repeat(valid, self.config.tokens_per_frame, axis=1)
     text_keep = positions[None, num_visual:] <= query_pos[:, None]
     attention_mask = jnp.concatenate([visual_keep, text_keep], axis=1)
+    # Only the query's hidden state is read: the last block computes its row alone.
     hidden, _ = self.llm.model(seq, attention_mask=attention_mask,
-                               num_layers=self.config.llm.num_hidden_layers - 1)
-    query_hidden = jnp.take_along_axis(hidden, query_pos[:, None, None], axis=1)[:, 0]
-    logits = self.score_head(query_hidden)
+                               num_layers=self.config.llm.num_hidden_layers - 1,
+                               output_rows=query_pos)
+    logits = self.score_head(hidden[:, 0])
     return jnp.where(valid, logits, -jnp.inf)
 
   def instruction_logits(self, visual_tokens, input_ids, attention_mask, valid=None):
