@@ -231,10 +231,11 @@ def record_frames(record: dict, image_size: int) -> np.ndarray:
                        f"tower expects ({image_size}, {image_size}, 3)")
     return frames
   video = record["video"]
-  if isinstance(video, (str, bytes)) and not isinstance(video, list):
-    raise NotImplementedError(
-        f"record {record['video_id']!r} stores a video path; decode its candidates first "
-        f"(frameselect_jax.video) and store them as JPEG bytes")
+  if not isinstance(video, (list, tuple)):
+    raise ValueError(
+        f"record {record['video_id']!r}: `video` must be a list of JPEG bytes, one per "
+        f"candidate, got {type(video).__name__} (a path? decode its candidates with "
+        f"frameselect_jax.video.decode_candidates and store them as JPEG bytes)")
   return decode_jpeg_frames(video, record["valid"], image_size)
 
 

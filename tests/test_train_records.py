@@ -78,3 +78,11 @@ def test_iterator_resumes_from_its_saved_position():
   again = records.to_iterator(dataset)
   again.set_state(state)
   assert [next(again).tolist() for _ in range(5)] == rest
+
+
+def test_a_video_path_instead_of_frames_is_a_clear_error():
+  record = records.needle_records(1, 8, 16, seed=0)[0]
+  record = {k: v for k, v in record.items() if k != "frames"}
+  record["video"] = "/videos/clip.mp4"
+  with pytest.raises(ValueError, match="list of JPEG bytes.*got str"):
+    records.record_frames(record, 16)
