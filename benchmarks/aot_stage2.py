@@ -20,6 +20,29 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 MESH = {"v5e:16x16": dict(data=-1, fsdp=1, tensor=2)}
 
 
+def print_table(rows):
+  gib = 1024 ** 3
+  print("| topology | chips | mesh (data, fsdp, tensor) | attention | memory per chip (args + temps) | HBM | fits "
+        "| model FLOPs / step | hardware FLOPs / step | compute / memory / ICI bound (ms) "
+        "| estimated step (ms) | implied MFU |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    t = r["tasks"]["importance"]
+    mesh = r["mesh"]
+    first = (f"| {r['topology']} | {r['chips']} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) "
+             f"| {r['attention']} ")
+    if "compile_error" in t:  # the compiler refused it: its message has the numbers
+      print(first + f"| {t['compile_error']} | {t['hbm_bytes'] / gib:.2f} GiB | NO |  |  |  |  |  |")
+      continue
+    print(first +
+          f"| {t['total_bytes'] / gib:.2f} GiB ({t['argument_bytes'] / gib:.2f} + "
+          f"{t['temp_bytes'] / gib:.2f}) | {t['hbm_bytes'] / gib:.2f} GiB | "
+          f"{'yes' if t['fits'] else 'NO'} | {t['model_flops']:.3e} | {t['hardware_flops']:.3e} | "
+          f"{t['compute_bound_s'] * 1e3:.0f} / {t['memory_bound_s'] * 1e3:.0f} / "
+          f"{t['ici_bound_s'] * 1e3:.0f} | {t['estimated_step_s'] * 1e3:.0f} | "
+          f"{100 * t['implied_mfu']:.1f}% |")
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--topologies", default="v5e:4x4,v5p:2x2x1,v5e:16x16")
@@ -50,25 +73,12 @@ def main():
     print(aot.format_report(report), flush=True)
     print(f"  ({time.perf_counter() - start:.0f} s in all)\n", flush=True)
     rows.append(report)
-  gib = 1024 ** 3
-  print("| topology | chips | mesh (data, fsdp, tensor) | attention | memory per chip (args + temps) | HBM | fits "
-        "| model FLOPs / step | hardware FLOPs / step | compute / memory / ICI bound (ms) "
-        "| estimated step (ms) | implied MFU |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    t = r["tasks"]["importance"]
-    mesh = r["mesh"]
-    print(f"| {r['topology']} | {r['chips']} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) "
-          f"| {r['attention']} "
-          f"| {t['total_bytes'] / gib:.2f} GiB ({t['argument_bytes'] / gib:.2f} + "
-          f"{t['temp_bytes'] / gib:.2f}) | {t['hbm_bytes'] / gib:.2f} GiB | "
-          f"{'yes' if t['fits'] else 'NO'} | {t['model_flops']:.3e} | {t['hardware_flops']:.3e} | "
-          f"{t['compute_bound_s'] * 1e3:.0f} / {t['memory_bound_s'] * 1e3:.0f} / "
-          f"{t['ici_bound_s'] * 1e3:.0f} | {t['estimated_step_s'] * 1e3:.0f} | "
-          f"{100 * t['implied_mfu']:.1f}% |")
+  print_table(rows)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=2)
+  if not all(r["tasks"]["importance"]["fits"] for r in rows):
+    sys.exit(1)
 
 
 if __name__ == "__main__":
