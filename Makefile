@@ -15,6 +15,11 @@ $(STAMP): setup.py
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# The venv carries libtpu (ahead-of-time compilation for TPU topologies, which works with
+# JAX_PLATFORMS=cpu); on a host without TPUs its device probe only prints errors. Set
+# JAX_PLATFORMS yourself to run elsewhere.
+export JAX_PLATFORMS ?= cpu
+
 demo: $(STAMP)
 	$(PY) -m frameselect_jax.cli demo --out demo_out
 

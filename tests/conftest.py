@@ -9,6 +9,9 @@ if REPO not in sys.path:  # the stage folders (train/, eval/, data/) run from th
   sys.path.insert(0, REPO)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything
+# CPU tests (the AOT ones compile for TPU topologies without a TPU backend): keeps libtpu's
+# device probe, which only prints errors on a host without TPUs, from running.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
