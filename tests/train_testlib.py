@@ -70,3 +70,21 @@ def read_metrics(workdir: str) -> list[dict]:
 def losses(workdir: str, key: str = "loss") -> dict[int, float]:
   """step -> loss; the last line of a step wins (a resumed run rewrites later steps)."""
   return {m["step"]: m[key] for m in read_metrics(workdir) if "step" in m and key in m}
+
+
+def tensorboard_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
+  """tag -> [(step, value)] read back from the run's TensorBoard event files (TFRecord
+  framing: length, its CRC, the Event proto, its CRC)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  scalars: dict[str, list[tuple[int, float]]] = {}
+  folder = os.path.join(workdir, "tensorboard")
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), "rb") as f:
+      while header := f.read(12):
+        (length,) = struct.unpack("<Q", header[:8])
+        event = event_pb2.Event.FromString(f.read(length))
+        f.read(4)
+        for value in event.summary.value:
+          scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars

@@ -372,8 +372,8 @@ def run(config, workdir: str | None = None) -> dict:
         totals[key] = totals.get(key, 0.0) + float(value)
     k = config.eval.k
     return {"eval/bce": totals["bce_sum"] / max(totals["bce_count"], 1.0),
-            f"eval/recall@{k}": totals["recall_sum"] / max(totals["examples"], 1.0),
-            f"eval/oracle_recall@{k}": totals["oracle_recall_sum"] / max(totals["examples"], 1.0),
+            f"eval/recall_at_{k}": totals["recall_sum"] / max(totals["examples"], 1.0),
+            f"eval/oracle_recall_at_{k}": totals["oracle_recall_sum"] / max(totals["examples"], 1.0),
             "eval/examples": totals["examples"]}
 
   writer = MetricWriter(workdir, enabled=is_chief)
