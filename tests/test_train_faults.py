@@ -43,7 +43,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
   resume_from = ckpt.latest_step(checkpoints)
   assert 4 <= resume_from < STEPS
 
-  run_train(CONFIG, killed, *RUN)
+  proc = run_train(CONFIG, killed, *RUN)
+  assert f"resumed from the checkpoint of step {resume_from}" in proc.stderr
   resumed = [m for m in read_metrics(killed) if m.get("event") == "resume"]
   assert [m["step"] for m in resumed] == [resume_from]
   got = losses(killed)

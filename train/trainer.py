@@ -385,6 +385,9 @@ def run(config, workdir: str | None = None) -> dict:
     logging.info("stage %d: %d steps (%d per epoch), mesh %s, %d trainable / %d frozen params",
                  config.stage, total_steps, steps_per_epoch, dict(mesh.shape),
                  modeling.count_params(params), modeling.count_params(frozen))
+    if start_step:
+      logging.info("resumed from the checkpoint of step %d in %s", start_step,
+                   os.path.join(workdir, "checkpoints"))
 
   # Preemption: SIGTERM asks for a checkpoint at the end of the current step.
   stop = {"requested": False}
