@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import grain
 import ml_dtypes
+from absl import flags
 import numpy as np
 from flax import serialization
 
@@ -369,5 +370,8 @@ def to_iterator(dataset: grain.MapDataset, num_threads: int = 2, prefetch: int =
   iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                       prefetch_buffer_size=prefetch))
   if worker_count > 0:
+    # grain's workers read absl flags; outside an absl program nothing has parsed them.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(iter_ds)
