@@ -23,6 +23,7 @@ from frameselect_jax import hf, synthetic, text, video  # noqa: E402
 from frameselect_jax.api import FrameSelector  # noqa: E402
 from frameselect_jax.models.qwen2 import Qwen2Config  # noqa: E402
 from frameselect_jax.models.selector import Selector, SelectorConfig  # noqa: E402
+from train import compile as aot  # noqa: E402
 
 QUESTIONS = ("When does the red square appear?", "Where is the red square in the frame?")
 
@@ -43,29 +44,21 @@ def configs(which):
   return out
 
 
-def vit_flops(vision, frames):
-  """Matmul FLOPs of the vision tower (patch embedding, projections, MLP, attention)."""
-  tokens = (vision.image_size // vision.patch_size) ** 2
-  d, f = vision.hidden_size, vision.intermediate_size
-  per_layer = 2 * tokens * (4 * d * d + 2 * d * f) + 4 * tokens * tokens * d
-  patch = 2 * tokens * vision.patch_size ** 2 * 3 * d
-  return frames * (vision.num_hidden_layers * per_layer + patch)
-
-
 def llm_flops(llm, seq_len):
-  """Matmul FLOPs of the score pass: the blocks before the penultimate over every token (causal
-  attention), the penultimate for the score query's row alone plus K and V for every token."""
-  d, f = llm.hidden_size, llm.intermediate_size
-  kv = d * llm.num_key_value_heads // llm.num_attention_heads
-  full = 2 * seq_len * (2 * d * d + 2 * d * kv + 3 * d * f) + 2 * seq_len * seq_len * d
-  row = 2 * seq_len * 2 * d * kv + 2 * (2 * d * d + 3 * d * f) + 4 * seq_len * d
+  """Forward FLOPs of the score pass (train/compile.py's per-block counts): the blocks before
+  the penultimate over every token, the penultimate for the score query's row alone plus K
+  and V for every token."""
+  frozen, _, per_pair = aot.llm_block_flops(llm)
+  keys_values, _, _ = aot.llm_block_flops(llm, keys_values_only=True)
+  full = seq_len * frozen + per_pair * aot.attention_pairs(seq_len)[0]
+  row = seq_len * keys_values + (frozen - keys_values) + per_pair * seq_len
   layers = llm.num_hidden_layers
   return max(layers - 2, 0) * full + (row if layers >= 2 else 0)
 
 
 def describe(name, cfg, question_tokens):
   seq = cfg.num_visual_tokens + question_tokens + 1
-  vit, llm = vit_flops(cfg.vision, cfg.num_candidates), llm_flops(cfg.llm, seq)
+  vit, llm = aot.vision_tower_flops(cfg.vision, cfg.num_candidates), llm_flops(cfg.llm, seq)
   v, l = cfg.vision, cfg.llm
   print(f"config {name}: n={cfg.num_candidates}, {cfg.tokens_per_frame} tokens/frame, "
         f"SigLIP {v.num_hidden_layers}x{v.hidden_size} @ {v.image_size}px/{v.patch_size}, "

@@ -82,9 +82,10 @@ def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
   return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """Leading (batch) dimension split over data and fsdp, the rest replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 1, leading: tuple = ()) -> NamedSharding:
+  """Batch dimension (the first after `leading` ones) split over data and fsdp, the rest
+  replicated."""
+  return NamedSharding(mesh, P(*leading, ("data", "fsdp"), *([None] * (ndim - 1))))
 
 
 def init_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh | None, rules=LOGICAL_RULES):

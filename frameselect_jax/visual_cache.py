@@ -30,12 +30,8 @@ def directory_identity(directory: str) -> list:
   for many GB of weights, and it changes when any file is replaced or rewritten."""
   if not directory:
     return []
-  entries = []
-  for name in sorted(os.listdir(directory)):
-    stat = os.stat(os.path.join(directory, name))
-    if os.path.isfile(os.path.join(directory, name)):
-      entries.append((name, stat.st_size, stat.st_mtime_ns))
-  return entries
+  files = sorted((e for e in os.scandir(directory) if e.is_file()), key=lambda e: e.name)
+  return [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in files]
 
 
 class VisualTokenCache:

@@ -120,6 +120,18 @@ def llm_block_flops(llm, lora_rank=0, keys_values_only=False):
   return frozen, lora, per_pair
 
 
+def vision_tower_flops(vision, frames):
+  """Forward FLOPs of the vision tower on `frames` frames: patch embedding, projections, MLP
+  and attention of every block."""
+  tokens = vision.grid_size ** 2
+  per_token = vision.num_hidden_layers * (
+      4 * _dense_flops(vision.hidden_size, vision.hidden_size)
+      + 2 * _dense_flops(vision.hidden_size, vision.intermediate_size)
+      + 2 * 2 * tokens * vision.hidden_size) \
+      + _dense_flops(vision.patch_size ** 2 * 3, vision.hidden_size)
+  return frames * tokens * per_token
+
+
 def step_flops(config, selector_cfg, task, cached, attention="xla"):
   """(model FLOPs, hardware FLOPs) of one optimizer step over the global batch."""
   llm, vision = selector_cfg.llm, selector_cfg.vision
@@ -168,13 +180,7 @@ def step_flops(config, selector_cfg, task, cached, attention="xla"):
   model = block_fwd + block_bwd + other
   hardware = block_fwd_hw + block_bwd_hw + other + (block_fwd_hw if config.model.remat else 0)
   if not cached:  # frozen ViT forward on every candidate frame (no backward)
-    tokens = vision.grid_size ** 2
-    per_token = vision.num_hidden_layers * (
-        4 * _dense_flops(vision.hidden_size, vision.hidden_size)
-        + 2 * _dense_flops(vision.hidden_size, vision.intermediate_size)
-        + 2 * 2 * tokens * vision.hidden_size) \
-        + _dense_flops(vision.patch_size ** 2 * 3, vision.hidden_size)
-    vit = selector_cfg.num_candidates * tokens * per_token
+    vit = vision_tower_flops(vision, selector_cfg.num_candidates)
     model, hardware = model + vit, hardware + vit
   return model * batch, hardware * batch
 

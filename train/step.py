@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from frameselect_jax import selection
+from frameselect_jax import sharding as shd
 from frameselect_jax import tpu_attention
 from frameselect_jax.models import layers
 from frameselect_jax.records import normalize_frames
@@ -116,10 +117,6 @@ def loss_count(task, batch):
   return jnp.sum(batch["answer_mask"][:, 1:].astype(jnp.float32) * batch["weight"][:, None])
 
 
-def _batch_spec(mesh, ndim, leading=()):
-  return NamedSharding(mesh, P(*leading, ("data", "fsdp"), *([None] * (ndim - 1))))
-
-
 def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abstract=None,
                     mesh=None, attention=None):
   """step(params, frozen, opt_state, batch) -> (params, opt_state, metrics).
@@ -153,7 +150,7 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
         # keeps its own rows in every micro-batch (no data movement).
         x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
         if mesh is not None:
-          x = jax.lax.with_sharding_constraint(x, _batch_spec(mesh, x.ndim - 1, (None,)))
+          x = jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim - 1, (None,)))
         return x
       micro_batches = jax.tree.map(split, batch)
 
@@ -203,10 +200,10 @@ def make_eval_step(graphdef, *, k: int, top_frames: int, vision_abstract=None, a
 
 # --- Shardings of the step's inputs and outputs ---
 
-def batch_shardings(mesh, spec, fields, leading_batch=True):
+def batch_shardings(mesh, spec, fields):
   """Each field's leading (batch) axis over (data, fsdp), the rest replicated."""
   shapes = spec.shapes(cached="visual" in fields)
-  return {f: _batch_spec(mesh, len(shapes[f][0]) + 1) for f in fields}
+  return {f: shd.batch_sharding(mesh, len(shapes[f][0]) + 1) for f in fields}
 
 
 def opt_state_shardings(tx, abstract_params, param_shardings, mesh):

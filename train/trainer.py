@@ -463,7 +463,7 @@ def run(config, workdir: str | None = None) -> dict:
   finally:
     progress.close()
     signal.signal(signal.SIGTERM, previous_handler)
-    data_iterator.close()  # stops grain's worker processes and frees their shared memory
+    data_iterator.close()  # stops grain's worker processes
     checkpointer.close()
     writer.flush()
     writer.close()
