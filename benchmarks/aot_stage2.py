@@ -5,6 +5,8 @@ tokens, global batch 128) on three TPU topologies, compiled on this CPU host (ne
 
 Prints memory per chip, FLOPs per step, the step-time bounds and the implied model-FLOPs
 utilisation as a table (see train/compile.py for what each number is). Target: fits, >= 50%.
+The memory bound uses the HBM traffic counted from the compiled program's buffer placement;
+the compiler's "bytes accessed", which also counts on-chip VMEM operands, is printed beside it.
 """
 import argparse
 import json
@@ -23,21 +25,25 @@ MESH = {"v5e:16x16": dict(data=-1, fsdp=1, tensor=2)}
 def print_table(rows):
   gib = 1024 ** 3
   print("| topology | chips | mesh (data, fsdp, tensor) | attention | memory per chip (args + temps) | HBM | fits "
-        "| model FLOPs / step | hardware FLOPs / step | compute / memory / ICI bound (ms) "
+        "| model FLOPs / step | hardware FLOPs / step | HBM traffic per chip (compiler's bytes accessed) "
+        "| compute / memory / ICI bound (ms) "
         "| estimated step (ms) | implied MFU |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     t = r["tasks"]["importance"]
     mesh = r["mesh"]
     first = (f"| {r['topology']} | {r['chips']} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) "
              f"| {r['attention']} ")
     if "compile_error" in t:  # the compiler refused it: its message has the numbers
-      print(first + f"| {t['compile_error']} | {t['hbm_bytes'] / gib:.2f} GiB | NO |  |  |  |  |  |")
+      print(first + f"| {t['compile_error']} | {t['hbm_bytes'] / gib:.2f} GiB | NO |  |  |  |  |  |  |")
       continue
+    traffic = ("n/a" if t["hbm_traffic_per_device"] is None
+               else f"{t['hbm_traffic_per_device'] / 1e9:.2f} GB")
     print(first +
           f"| {t['total_bytes'] / gib:.2f} GiB ({t['argument_bytes'] / gib:.2f} + "
           f"{t['temp_bytes'] / gib:.2f}) | {t['hbm_bytes'] / gib:.2f} GiB | "
           f"{'yes' if t['fits'] else 'NO'} | {t['model_flops']:.3e} | {t['hardware_flops']:.3e} | "
+          f"{traffic} ({t['compiler_bytes_accessed_per_device'] / 1e9:.1f} GB) | "
           f"{t['compute_bound_s'] * 1e3:.0f} / {t['memory_bound_s'] * 1e3:.0f} / "
           f"{t['ici_bound_s'] * 1e3:.0f} | {t['estimated_step_s'] * 1e3:.0f} | "
           f"{100 * t['implied_mfu']:.1f}% |")

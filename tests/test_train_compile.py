@@ -9,8 +9,8 @@ import pytest
 
 from train_testlib import REPO, env
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="libtpu is not installed (pip install -e .[tpu])")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install -e .[tpu])")
 
 
 def compile_step(*args, timeout=600):
@@ -18,6 +18,7 @@ def compile_step(*args, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@needs_libtpu
 def test_tiny_stage1_compiles_for_v5e_2x2(tmp_path):
   out = tmp_path / "report.json"
   proc = compile_step("--config=configs/stage1.py:tiny", "--topology=v5e:2x2",
@@ -34,12 +35,18 @@ def test_tiny_stage1_compiles_for_v5e_2x2(tmp_path):
     assert 0 < r["alias_bytes"] <= r["output_bytes"]
     assert r["model_flops"] > 0 and r["hardware_flops"] >= r["model_flops"]
     assert r["estimated_step_s"] == max(r["compute_bound_s"], r["memory_bound_s"], r["ici_bound_s"])
+    # HBM traffic: at least AdamW reading and writing each fp32 trainable, its mu and nu; less
+    # than what the compiler counts in every memory space; it sets the memory bound (v5e 819 GB/s)
+    adamw_bytes = 2 * 3 * 4 * report["trainable_params"]
+    assert adamw_bytes <= r["hbm_traffic_per_device"] < r["compiler_bytes_accessed_per_device"]
+    assert r["memory_bound_s"] == pytest.approx(r["hbm_traffic_per_device"] / 819e9)
     assert 0 < r["implied_mfu"] <= 1
   for words in ("arguments", "temporaries", "FLOPs per step", "compute bound", "memory bound",
                 "implied model-FLOPs utilisation", "fits"):
     assert words in proc.stdout
 
 
+@needs_libtpu
 def test_a_step_too_big_for_the_chip_fails_and_names_the_numbers():
   # 32768 examples per chip of the tiny model need far more than a v5e's 15.75 GiB: the TPU
   # compiler refuses the program, and the report says by how much.
@@ -49,3 +56,76 @@ def test_a_step_too_big_for_the_chip_fails_and_names_the_numbers():
   assert "DOES NOT FIT" in proc.stdout
   assert "error: the importance step does not fit the 15.75 GiB HBM of a v5e chip" in proc.stderr
   assert "Ran out of memory on HBM, the total memory required for HLO temporaries" in proc.stderr
+
+
+# A scheduled TPU module in the compiler's text form: an HBM parameter prefetched into VMEM
+# (S(1)) by an async copy, an async slice of another, a fusion entirely in VMEM, one writing
+# HBM, an in-place dynamic-update-slice into HBM, and a loop `for (i = 0; i < 3; i += 1)`
+# whose body reads and writes HBM.
+HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_negate (param_0: f32[256]) -> f32[256] {
+  %param_0 = f32[256]{0} parameter(0)
+  ROOT %negate.0 = f32[256]{0} negate(%param_0)
+}
+
+%fused_update (param_0.1: f32[1024], param_1.1: f32[256], param_2.1: s32[]) -> f32[1024] {
+  %param_0.1 = f32[1024]{0} parameter(0)
+  %param_1.1 = f32[256]{0} parameter(1)
+  %param_2.1 = s32[] parameter(2)
+  ROOT %dynamic-update-slice.0 = f32[1024]{0} dynamic-update-slice(%param_0.1, %param_1.1, %param_2.1)
+}
+
+%body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %p = (s32[], f32[256]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %x = f32[256]{0} get-tuple-element(%p), index=1
+  %fusion.9 = f32[256]{0} fusion(%x), kind=kLoop, calls=%fused_negate
+  ROOT %tuple.9 = (s32[], f32[256]{0}) tuple(%next, %fusion.9)
+}
+
+%cond (p.1: (s32[], f32[256])) -> pred[] {
+  %p.1 = (s32[], f32[256]{0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %three = s32[] constant(3)
+  ROOT %compare.0 = pred[] compare(%i.1, %three), direction=LT
+}
+
+ENTRY %main (p0: f32[1024], p1: bf16[64,128]) -> f32[256] {
+  %p0 = f32[1024]{0:T(1024)} parameter(0)
+  %p1 = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(1)
+  %copy-start = (bf16[64,128]{1,0:T(8,128)(2,1)S(1)}, bf16[64,128]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%p1)
+  %slice-start = ((f32[1024]{0:T(1024)}), f32[256]{0:T(256)S(1)}, s32[]{:S(2)}) slice-start(%p0), slice={[0:256]}
+  %slice-done = f32[256]{0:T(256)S(1)} slice-done(%slice-start)
+  %copy-done = bf16[64,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
+  %fusion.1 = f32[256]{0:T(256)S(1)} fusion(%slice-done, %copy-done), kind=kLoop, calls=%fused_negate
+  %fusion.2 = f32[256]{0:T(256)} fusion(%fusion.1), kind=kLoop, calls=%fused_negate
+  %zero = s32[] constant(0)
+  %fusion.3 = f32[1024]{0:T(1024)} fusion(%p0, %fusion.2, %zero), kind=kLoop, calls=%fused_update
+  %tuple.1 = (s32[], f32[256]{0}) tuple(%zero, %fusion.2)
+  %while.1 = (s32[], f32[256]{0}) while(%tuple.1), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %out = f32[256]{0} get-tuple-element(%while.1), index=1
+}
+"""
+
+
+def test_hbm_traffic_counts_only_hbm_buffers():
+  from train import compile as aot
+
+  prefetch = 64 * 128 * 2  # the whole bf16 parameter, read from HBM once
+  slice_read = 256 * 4     # the slice, not the 1024-element source
+  fusion_write = 256 * 4   # fusion.2's output; fusion.1 touches only VMEM
+  update = 256 * 4 + 256 * 4 + 4  # writes the 256-float update (read from fusion.2) at %zero
+  trip = 256 * 4 + 256 * 4 + 3 * 4  # reads and writes 256 floats; the counter's add
+  loop = 3 * trip
+  expected = prefetch + slice_read + fusion_write + update + loop
+  assert aot.hbm_bytes_accessed(HLO) == expected
+  # without the compiler's annotation the trip count is read off the loop's shape
+  unannotated = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
+  assert aot.hbm_bytes_accessed(unannotated) == expected
+  assert aot.hbm_bytes_accessed(unannotated.replace("constant(3)", "constant(5)")) == (
+      expected + 2 * trip)
+  # a loop of a shape it cannot read gives no count rather than a wrong one
+  assert aot.hbm_bytes_accessed(unannotated.replace("direction=LT", "direction=NE")) is None

@@ -16,7 +16,10 @@ What the numbers are (DESIGN.md explains why the compiler's own estimate is not 
   hardware FLOPs   what the implementation computes: attention's blocked upper corners, and
                    the forward recomputation that remat adds
   compute bound    hardware FLOPs per chip / the chip's published peak bf16 FLOP/s
-  memory bound     the compiler's bytes accessed per chip / the chip's published HBM bandwidth
+  memory bound     HBM bytes read and written per chip / the chip's published HBM bandwidth.
+                   Counted from the compiled program's buffer placement (hbm_bytes_accessed):
+                   the compiler's own "bytes accessed" also counts operands held in on-chip
+                   VMEM, which at small per-chip batches is most of them
   ICI bound        analytic bytes per chip of the gradient all-reduce, the FSDP all-gathers and
                    the tensor-parallel all-reduces / the chip's published ICI bandwidth
   estimated step   max of the three bounds (a roofline: perfect overlap, no other stalls)
@@ -28,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -206,6 +210,152 @@ def ici_bytes_per_chip(config, selector_cfg, task, mesh, params_bytes, trainable
   return gather + reduce
 
 
+# --- HBM traffic of a compiled program ---
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
+                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\](\{[^}]*\})?")
+_INSTRUCTION = re.compile(r"^(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+# Ops that move no data of their own (metadata, tuples, aliases); async *-start ops are
+# counted at their *-done.
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+               "partition-id", "replica-id", "opt-barrier"}
+
+
+def _buffers(type_text: str):
+  """[(bytes, memory space)] of every array in an HLO type; space 0 is HBM, S(1) VMEM."""
+  buffers = []
+  for dtype, dims, layout in _SHAPE.findall(type_text):
+    size = _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    space = re.search(r"S\((\d+)\)", layout or "")
+    buffers.append((size, int(space.group(1)) if space else 0))
+  return buffers
+
+
+def hbm_bytes_accessed(hlo_text: str) -> float | None:
+  """Bytes one run of a compiled TPU program reads from and writes to HBM.
+
+  The compiler's "bytes accessed" adds up every operand and output of every op, wherever the
+  buffer lives. After memory-space assignment most activations of a small per-chip batch live
+  in on-chip VMEM (layout `S(1)`), and weights stream in by async copies and slices, so that
+  sum overstates HBM traffic many times. This counts, from the scheduled HLO text, only
+  buffers in HBM (no memory-space annotation): operands and outputs of each op, the HBM side
+  of async copies, the slice (not the whole source) of async slices, and the update (not the
+  whole buffer) of in-place dynamic-update-slice fusions. Loops count their trip count,
+  conditionals their largest branch. Other partial reads of an HBM operand inside a fusion
+  count the whole operand, so this errs high. None when a loop's trip count is unknown.
+  """
+  computations, current, entry = {}, None, None
+  for line in hlo_text.splitlines():
+    if not line.startswith(" ") and line.rstrip().endswith("{"):
+      header = re.match(r"^(ENTRY )?%?([\w.\-]+)", line)
+      current = header.group(2)
+      computations[current] = []
+      if header.group(1):
+        entry = current
+      continue
+    if current and line.startswith("  "):
+      match = _INSTRUCTION.match(line.strip())
+      if match:
+        name, typ, op, rest = match.groups()
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+        computations[current].append((name, typ, op, operands, line))
+  instructions = {i[0]: i for body in computations.values() for i in body}
+  roots = {c: next((i for i in body if i[4].lstrip().startswith("ROOT")), body[-1])
+           for c, body in computations.items() if body}
+
+  def through_copies(name):
+    while instructions[name][2] in ("copy", "bitcast"):
+      name = instructions[name][3][0]
+    return instructions[name]
+
+  def constant(name):
+    value = re.search(r" constant\((-?\d+)\)", through_copies(name)[4])
+    return int(value.group(1)) if value else None
+
+  def tuple_index(name):
+    index = re.search(r"index=(\d+)", through_copies(name)[4])
+    return int(index.group(1)) if index else None
+
+  def trip_count(while_line, init_tuple):
+    """The loop's trip count: annotated by the compiler, or read off the common shape
+    `for (i = a; i < b; i += c)` of its condition, initial tuple and body."""
+    known = _TRIP_COUNT.search(while_line)
+    if known:
+      return int(known.group(1))
+    compare = roots[re.search(r"condition=%?([\w.\-]+)", while_line).group(1)]
+    if compare[2] != "compare" or "direction=LT" not in compare[4]:
+      return None
+    index, bound = tuple_index(compare[3][0]), constant(compare[3][1])
+    init = instructions[init_tuple]
+    if index is None or bound is None or init[2] != "tuple":
+      return None
+    first = constant(init[3][index])
+    body_root = roots[re.search(r"body=%?([\w.\-]+)", while_line).group(1)]
+    step = through_copies(body_root[3][index]) if body_root[2] == "tuple" else None
+    if first is None or step is None or step[2] != "add":
+      return None
+    counter, increment = step[3]
+    if tuple_index(counter) != index or not constant(increment):
+      return None
+    return max(0, -(-(bound - first) // constant(increment)))
+
+  def hbm(name):
+    return sum(size for size, space in _buffers(instructions[name][1]) if space == 0)
+
+  def fusion_traffic(typ, operands, line):
+    """Operands and output in HBM; an in-place dynamic-update-slice writes only its update."""
+    fused = roots.get(re.search(r"calls=%?([\w.\-]+)", line).group(1))
+    output = sum(size for size, space in _buffers(typ) if space == 0)
+    if fused and fused[2] == "dynamic-update-slice" and len(_buffers(typ)) == 1:
+      in_place = re.search(r"parameter\((\d+)\)", through_copies(fused[3][0])[4])
+      if in_place:
+        skip = int(in_place.group(1))
+        update = _buffers(instructions[fused[3][1]][1])[0][0]
+        return (update if output else 0) + sum(
+            hbm(o) for k, o in enumerate(operands) if k != skip)
+    return output + sum(hbm(o) for o in operands)
+
+  def traffic(computation):
+    total = 0.0
+    for name, typ, op, operands, line in computations[computation]:
+      if op in _NO_TRAFFIC or op.endswith("-start"):
+        continue
+      if op == "while":
+        trips = trip_count(line, operands[0])
+        step = traffic(re.search(r"body=%?([\w.\-]+)", line).group(1))
+        if trips is None or step is None:
+          return None
+        total += trips * step
+      elif op == "conditional":
+        branches = re.findall(r"%([\w.\-]+)", re.search(
+            r"(?:branch_computations=\{([^}]*)\}|true_computation=.*)", line).group(0))
+        costs = [traffic(b) for b in branches if b in computations]
+        if any(c is None for c in costs):
+          return None
+        total += max(costs, default=0.0)
+      elif op == "call":
+        step = traffic(re.search(r"to_apply=%?([\w.\-]+)", line).group(1))
+        if step is None:
+          return None
+        total += step
+      elif op in ("slice-done", "copy-done"):
+        # The start op's type is (source, destination, context): source and destination
+        # on HBM each move the destination's size (a slice reads only what it copies).
+        start = _buffers(instructions[operands[0]][1])
+        moved = start[1][0]
+        total += moved * ((start[0][1] == 0) + (start[1][1] == 0))
+      elif op == "fusion":
+        total += fusion_traffic(typ, operands, line)
+      else:
+        total += sum(size for size, space in _buffers(typ) if space == 0)
+        total += sum(hbm(o) for o in operands if o in instructions)
+    return total
+
+  return traffic(entry)
+
+
 # --- Compile ---
 
 def compile_report(config, topology: str) -> dict:
@@ -278,7 +428,9 @@ def compile_report(config, topology: str) -> dict:
     per_device_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                         - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
     compute_s = hardware_flops / chips / chip.peak_bf16_flops
-    memory_s = float(cost.get("bytes accessed", 0.0)) / chip.hbm_bytes_per_s
+    compiler_bytes = float(cost.get("bytes accessed", 0.0))
+    hbm_traffic = hbm_bytes_accessed(compiled.as_text())
+    memory_s = (compiler_bytes if hbm_traffic is None else hbm_traffic) / chip.hbm_bytes_per_s
     ici_s = ici_bytes_per_chip(config, selector_cfg, task, mesh, params_bytes,
                                4 * modeling.count_params(params)) / chip.ici_bytes_per_s
     step_s = max(compute_s, memory_s, ici_s)
@@ -294,7 +446,8 @@ def compile_report(config, topology: str) -> dict:
         "model_flops": model_flops,
         "hardware_flops": hardware_flops,
         "compiler_flops_per_device": float(cost.get("flops", 0.0)),
-        "compiler_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+        "compiler_bytes_accessed_per_device": compiler_bytes,
+        "hbm_traffic_per_device": hbm_traffic,
         "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
         "compute_bound_s": compute_s, "memory_bound_s": memory_s, "ici_bound_s": ici_s,
         "estimated_step_s": step_s,
@@ -316,6 +469,12 @@ def format_report(report: dict) -> str:
       lines.append(f"  {task} step: DOES NOT FIT; the compiler says: {r['compile_error']}")
       continue
     opt = r["compiler_optimal_seconds"]
+    compiler_gb = r["compiler_bytes_accessed_per_device"] / 1e9
+    memory_source = (
+        f"compiler's {compiler_gb:.1f} GB accessed: the program has a loop of unknown length"
+        if r["hbm_traffic_per_device"] is None else
+        f"{r['hbm_traffic_per_device'] / 1e9:.2f} GB of HBM traffic; the compiler's "
+        f"{compiler_gb:.1f} GB accessed counts on-chip VMEM too")
     lines += [
         f"  {task} step (compiled in {r['compile_s']:.0f} s), per device:",
         f"    memory: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
@@ -326,8 +485,8 @@ def format_report(report: dict) -> str:
         f"{r['hardware_flops']:.3e}; compiler's count {r['compiler_flops_per_device']:.3e} "
         f"per device ({r['compiler_flops_per_device'] * report['chips']:.3e} in all)",
         f"    step time: compute bound {r['compute_bound_s'] * 1e3:.1f} ms, memory bound "
-        f"{r['memory_bound_s'] * 1e3:.1f} ms (compiler's {r['compiler_bytes_accessed_per_device'] / 1e9:.1f}"
-        f" GB accessed), ICI bound {r['ici_bound_s'] * 1e3:.1f} ms -> estimated "
+        f"{r['memory_bound_s'] * 1e3:.1f} ms ({memory_source}), "
+        f"ICI bound {r['ici_bound_s'] * 1e3:.1f} ms -> estimated "
         f"{r['estimated_step_s'] * 1e3:.1f} ms; compiler's optimal_seconds "
         f"{opt:.3g}{' (negative: meaningless)' if opt < 0 else ''}",
         f"    implied model-FLOPs utilisation {100 * r['implied_mfu']:.1f}%",
