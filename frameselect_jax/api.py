@@ -250,7 +250,6 @@ class FrameSelector:
     except Exception as error:
       raise ValueError(f"{ckpt_dir}: step {step} does not match the model its config "
                        f"describes ({_short(error)})") from error
-    _check_shapes(restored, abstract, ckpt_dir)
     params = nnx.State(restored)
     # Training kept the frozen backbone in model.frozen_dtype: use the same weights.
     frozen_dtype = DTYPES[m.get("frozen_dtype", "float32")]
@@ -443,14 +442,6 @@ def _config_from_meta(meta, where: str) -> dict:
     raise ValueError(f"{where}: the checkpoint's config lacks {missing}; it was not written "
                      "by this project's trainer, or by an incompatible version")
   return config
-
-
-def _check_shapes(restored, abstract, where):
-  def check(path, got, want):
-    if tuple(got.shape) != tuple(want.shape):
-      raise ValueError(f"{where}: parameter {jax.tree_util.keystr(path)} has shape "
-                       f"{tuple(got.shape)}, the model expects {tuple(want.shape)}")
-  jax.tree_util.tree_map_with_path(check, restored, abstract)
 
 
 def _short(error: BaseException, limit: int = 300) -> str:

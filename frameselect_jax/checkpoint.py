@@ -111,7 +111,9 @@ def load_params_numpy(directory: str, step: int | None = None) -> dict:
 def restore_params(directory: str, abstract_params, step: int | None = None):
   """Only the `params` item of a checkpoint (e.g. stage 1's trainables to start stage 2).
 
-  `abstract_params` may name a subset of what was saved: the rest is not read.
+  `abstract_params` may name a subset of what was saved: the rest is not read. A parameter
+  that is missing or has another shape raises a ValueError naming it, before anything is
+  read (orbax would fail part-way, with reads still in flight).
   Returns (params, step).
   """
   step = latest_step(directory) if step is None else step
@@ -119,11 +121,29 @@ def restore_params(directory: str, abstract_params, step: int | None = None):
     raise FileNotFoundError(f"no checkpoint found in {directory!r}")
   path = os.path.join(os.path.abspath(directory), str(step), "params")
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
-  params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item=abstract_params, restore_args=restore_args, partial_restore=True))
-  checkpointer.close()
+  try:
+    _check_saved_shapes(checkpointer.metadata(path).item_metadata.tree, abstract_params, path)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                abstract_params)
+    params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=abstract_params, restore_args=restore_args, partial_restore=True))
+  finally:
+    checkpointer.close()
   return params, step
+
+
+def _check_saved_shapes(saved, abstract_params, path):
+  for keys, want in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+    node = saved
+    for key in keys:
+      name = getattr(key, "key", getattr(key, "idx", None))
+      node = node.get(name, node.get(str(name))) if isinstance(node, dict) else None
+      if node is None:
+        raise ValueError(f"{path}: parameter {jax.tree_util.keystr(keys)} is not in the "
+                         "checkpoint")
+    if tuple(node.shape) != tuple(want.shape):
+      raise ValueError(f"{path}: parameter {jax.tree_util.keystr(keys)} has shape "
+                       f"{tuple(node.shape)}, the model expects {tuple(want.shape)}")
 
 
 def read_meta(directory: str, step: int) -> dict:

@@ -209,7 +209,9 @@ def test_incompatible_checkpoints_are_clear_errors(stage2_run, tmp_path):
   with other.unlocked():
     other.model.num_candidates = 32  # the saved score head has 16 outputs
   _save_trainer_checkpoint(tmp_path / "mismatch", other, params)
-  with pytest.raises(ValueError, match="does not match"):
+  # named before any read starts (an orbax restore failing part-way leaves reads in flight)
+  with pytest.raises(ValueError, match=r"does not match.*\['score_head'\].* has shape "
+                                       r"\((\d+, )?16,?\), the model expects \((\d+, )?32,?\)"):
     FrameSelector.from_checkpoint(str(tmp_path / "mismatch"))
   moved = config.copy_and_resolve_references()
   with moved.unlocked():  # trained on another machine: its backbone paths are not here
