@@ -53,8 +53,15 @@ def flash_attention(mesh, *, reference: bool = False):
     group = heads * tensor // k.shape[2]
     # The global index of each local query head picks its KV head.
     first = jax.lax.axis_index("tensor") * heads if tensor > 1 else 0
-    kv_index = (first + jnp.arange(heads)) // group
-    k, v = jnp.take(k, kv_index, axis=2), jnp.take(v, kv_index, axis=2)
+    if heads % group == 0 or group % heads == 0:
+      # The local heads cover whole groups, or sit inside one: slice those KV heads and
+      # repeat them. (A gather here compiles to hundreds of small loops on TPU v5p.)
+      count = max(heads // group, 1)
+      k, v = (jnp.repeat(jax.lax.dynamic_slice_in_dim(x, first // group, count, axis=2),
+                         heads // count, axis=2) for x in (k, v))
+    else:
+      kv_index = (first + jnp.arange(heads)) // group
+      k, v = jnp.take(k, kv_index, axis=2), jnp.take(v, kv_index, axis=2)
     pad = (-s) % BLOCK
     layout = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     # Segments: valid 1, padded 0, the block padding 2 (its own, so it never mixes in).

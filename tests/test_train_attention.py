@@ -64,7 +64,11 @@ def test_flash_wrapper_with_query_heads_split_over_tensor_parallel_devices():
       import jax
       from frameselect_jax import sharding as shd
       from test_train_attention import compare_attention
-      compare_attention(shd.make_mesh(2, 2, 2), heads=8, kv_heads=2, batch=4)
+      mesh = shd.make_mesh(2, 2, 2)
+      compare_attention(mesh, heads=8, kv_heads=2, batch=4)   # 4 local heads: one whole group
+      compare_attention(mesh, heads=8, kv_heads=4, batch=4)   # two whole groups
+      compare_attention(mesh, heads=8, kv_heads=1, batch=4)   # half of one group
+      compare_attention(mesh, heads=12, kv_heads=3, batch=4)  # 6 local heads over groups of 4
       print("ok")
   """)
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO + "/tests", env=env(devices=8),
