@@ -47,6 +47,18 @@ def test_tiny_stage1_compiles_for_v5e_2x2(tmp_path):
 
 
 @needs_libtpu
+def test_hbm_traffic_is_counted_through_the_gradient_accumulation_loop(tmp_path):
+  # The accumulation loop carries no trip-count annotation: the count reads it off the loop.
+  out = tmp_path / "report.json"
+  proc = compile_step("--config=configs/stage2.py:tiny", "--topology=v5e:2x2",
+                      "--config.train.grad_accum_steps=2", f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  r = json.loads(out.read_text())["tasks"]["importance"]
+  assert r["hbm_traffic_per_device"] is not None
+  assert "of HBM traffic" in proc.stdout
+
+
+@needs_libtpu
 def test_a_step_too_big_for_the_chip_fails_and_names_the_numbers():
   # 32768 examples per chip of the tiny model need far more than a v5e's 15.75 GiB: the TPU
   # compiler refuses the program, and the report says by how much.

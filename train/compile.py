@@ -469,12 +469,13 @@ def format_report(report: dict) -> str:
       lines.append(f"  {task} step: DOES NOT FIT; the compiler says: {r['compile_error']}")
       continue
     opt = r["compiler_optimal_seconds"]
-    compiler_gb = r["compiler_bytes_accessed_per_device"] / 1e9
+    decimal = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.2f} MB"
+    compiler = decimal(r["compiler_bytes_accessed_per_device"])
     memory_source = (
-        f"compiler's {compiler_gb:.1f} GB accessed: the program has a loop of unknown length"
+        f"compiler's {compiler} accessed: the program has a loop of unknown length"
         if r["hbm_traffic_per_device"] is None else
-        f"{r['hbm_traffic_per_device'] / 1e9:.2f} GB of HBM traffic; the compiler's "
-        f"{compiler_gb:.1f} GB accessed counts on-chip VMEM too")
+        f"{decimal(r['hbm_traffic_per_device'])} of HBM traffic; the compiler's "
+        f"{compiler} accessed counts on-chip VMEM too")
     lines += [
         f"  {task} step (compiled in {r['compile_s']:.0f} s), per device:",
         f"    memory: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
