@@ -14,6 +14,7 @@ directory, which is never read back.
 from __future__ import annotations
 
 import os
+import pathlib
 
 import grain
 import jax
@@ -120,9 +121,16 @@ def restore_params(directory: str, abstract_params, step: int | None = None):
   if step is None:
     raise FileNotFoundError(f"no checkpoint found in {directory!r}")
   path = os.path.join(os.path.abspath(directory), str(step), "params")
+  # The handler's own metadata: the Checkpointer's would also look for step metadata, which
+  # an item folder does not have, and warn.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    saved = handler.metadata(pathlib.Path(path)).tree
+  finally:
+    handler.close()
+  _check_saved_shapes(saved, abstract_params, path)
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   try:
-    _check_saved_shapes(checkpointer.metadata(path).item_metadata.tree, abstract_params, path)
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
                                 abstract_params)
     params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
