@@ -141,3 +141,4 @@ def test_hbm_traffic_counts_only_hbm_buffers():
       expected + 2 * trip)
   # a loop of a shape it cannot read gives no count rather than a wrong one
   assert aot.hbm_bytes_accessed(unannotated.replace("direction=LT", "direction=NE")) is None
+  assert aot.hbm_bytes_accessed(unannotated.replace("while(%tuple.1)", "while(%elsewhere)")) is None

@@ -280,10 +280,16 @@ def hbm_bytes_accessed(hlo_text: str) -> float | None:
 
   def trip_count(while_line, init_tuple):
     """The loop's trip count: annotated by the compiler, or read off the common shape
-    `for (i = a; i < b; i += c)` of its condition, initial tuple and body."""
+    `for (i = a; i < b; i += c)` of its condition, initial tuple and body; None otherwise."""
     known = _TRIP_COUNT.search(while_line)
     if known:
       return int(known.group(1))
+    try:
+      return counted_loop_trips(while_line, init_tuple)
+    except (KeyError, IndexError, AttributeError, ValueError):  # another shape of loop
+      return None
+
+  def counted_loop_trips(while_line, init_tuple):
     compare = roots[re.search(r"condition=%?([\w.\-]+)", while_line).group(1)]
     if compare[2] != "compare" or "direction=LT" not in compare[4]:
       return None
