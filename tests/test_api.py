@@ -213,6 +213,13 @@ def test_incompatible_checkpoints_are_clear_errors(stage2_run, tmp_path):
   with pytest.raises(ValueError, match=r"does not match.*\['score_head'\].* has shape "
                                        r"\((\d+, )?16,?\), the model expects \((\d+, )?32,?\)"):
     FrameSelector.from_checkpoint(str(tmp_path / "mismatch"))
+  # restore_params itself: a parameter the checkpoint lacks is named too
+  from frameselect_jax import checkpoint as ckpt
+  _save_trainer_checkpoint(tmp_path / "same", config, params)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  abstract["score_head"]["extra"] = jax.ShapeDtypeStruct((2,), jnp.float32)
+  with pytest.raises(ValueError, match=r"parameter \['score_head'\]\['extra'\] is not in the"):
+    ckpt.restore_params(str(tmp_path / "same"), abstract)
   moved = config.copy_and_resolve_references()
   with moved.unlocked():  # trained on another machine: its backbone paths are not here
     moved.model.llm_dir, moved.model.vision_dir = "/elsewhere/qwen", "/elsewhere/siglip"
