@@ -40,8 +40,6 @@ import time
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -233,6 +231,10 @@ def _buffers(type_text: str):
   return buffers
 
 
+def _hbm_size(type_text: str) -> float:
+  return sum(size for size, space in _buffers(type_text) if space == 0)
+
+
 def hbm_bytes_accessed(hlo_text: str) -> float | None:
   """Bytes one run of a compiled TPU program reads from and writes to HBM.
 
@@ -302,26 +304,29 @@ def hbm_bytes_accessed(hlo_text: str) -> float | None:
     step = through_copies(body_root[3][index]) if body_root[2] == "tuple" else None
     if first is None or step is None or step[2] != "add":
       return None
-    counter, increment = step[3]
-    if tuple_index(counter) != index or not constant(increment):
+    counter, increment = step[3][0], constant(step[3][1])
+    if tuple_index(counter) != index or not increment:
       return None
-    return max(0, -(-(bound - first) // constant(increment)))
+    return max(0, -(-(bound - first) // increment))
 
   def hbm(name):
-    return sum(size for size, space in _buffers(instructions[name][1]) if space == 0)
+    return _hbm_size(instructions[name][1]) if name in instructions else 0
+
+  def op_traffic(typ, operands):
+    """Every operand and output in HBM, read or written once."""
+    return _hbm_size(typ) + sum(hbm(o) for o in operands)
 
   def fusion_traffic(typ, operands, line):
-    """Operands and output in HBM; an in-place dynamic-update-slice writes only its update."""
+    """As op_traffic, but an in-place dynamic-update-slice writes only its update."""
     fused = roots.get(re.search(r"calls=%?([\w.\-]+)", line).group(1))
-    output = sum(size for size, space in _buffers(typ) if space == 0)
     if fused and fused[2] == "dynamic-update-slice" and len(_buffers(typ)) == 1:
       in_place = re.search(r"parameter\((\d+)\)", through_copies(fused[3][0])[4])
       if in_place:
         skip = int(in_place.group(1))
         update = _buffers(instructions[fused[3][1]][1])[0][0]
-        return (update if output else 0) + sum(
+        return (update if _hbm_size(typ) else 0) + sum(
             hbm(o) for k, o in enumerate(operands) if k != skip)
-    return output + sum(hbm(o) for o in operands)
+    return op_traffic(typ, operands)
 
   def traffic(computation):
     total = 0.0
@@ -355,8 +360,7 @@ def hbm_bytes_accessed(hlo_text: str) -> float | None:
       elif op == "fusion":
         total += fusion_traffic(typ, operands, line)
       else:
-        total += sum(size for size, space in _buffers(typ) if space == 0)
-        total += sum(hbm(o) for o in operands if o in instructions)
+        total += op_traffic(typ, operands)
     return total
 
   return traffic(entry)
