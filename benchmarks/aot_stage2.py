@@ -4,7 +4,7 @@ tokens, global batch 128) on three TPU topologies, compiled on this CPU host (ne
   python benchmarks/aot_stage2.py [--topologies=v5e:4x4,v5p:2x2x1,v5e:16x16] [--out=FILE.json]
 
 Prints memory per chip, FLOPs per step, the step-time bounds and the implied model-FLOPs
-utilisation as a table (see train/compile.py for what each number is). Target: fits, >= 50%.
+utilisation as a table (see train/aot.py for what each number is). Target: fits, >= 50%.
 The memory bound uses the HBM traffic counted from the compiled program's buffer placement;
 the compiler's "bytes accessed", which also counts on-chip VMEM operands, is printed beside it.
 """
@@ -60,7 +60,7 @@ def main():
   from absl import flags
   flags.FLAGS(["aot_stage2"])  # the config module reads no flags; mark absl as parsed
   from configs import stage2
-  from train import compile as aot
+  from train import aot
 
   rows = []
   for topology in args.topologies.split(","):

@@ -19,11 +19,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flax import nnx  # noqa: E402
 
+from frameselect_jax import experiment  # noqa: E402
+from frameselect_jax.models import presets  # noqa: E402
 from frameselect_jax import hf, synthetic, text, video  # noqa: E402
 from frameselect_jax.api import FrameSelector  # noqa: E402
 from frameselect_jax.models.qwen2 import Qwen2Config  # noqa: E402
 from frameselect_jax.models.selector import Selector, SelectorConfig  # noqa: E402
-from train import compile as aot  # noqa: E402
+from frameselect_jax.models.attention import attention_pairs  # noqa: E402
+from train import flops  # noqa: E402
 
 QUESTIONS = ("When does the red square appear?", "Where is the red square in the frame?")
 
@@ -37,20 +40,20 @@ SMALL_LLM = Qwen2Config(vocab_size=4096, hidden_size=896, intermediate_size=4864
 def configs(which):
   out = {}
   if which in ("all", "tiny"):
-    out["tiny"] = hf.selector_config("tiny", "tiny", num_candidates=128)
+    out["tiny"] = experiment.selector_config(dict(llm="tiny", vision="tiny", num_candidates=128))
   if which in ("all", "base"):
-    out["base"] = SelectorConfig(vision=hf.preset(hf.SIGLIP_PRESETS, "siglip-base-patch16-224"),
+    out["base"] = SelectorConfig(vision=presets.preset(presets.SIGLIP, "siglip-base-patch16-224"),
                                  llm=SMALL_LLM, num_candidates=32).validate()
   return out
 
 
 def llm_flops(llm, seq_len):
-  """Forward FLOPs of the score pass (train/compile.py's per-block counts): the blocks before
+  """Forward FLOPs of the score pass (train/flops.py's per-block counts): the blocks before
   the penultimate over every token, the penultimate for the score query's row alone plus K
   and V for every token."""
-  frozen, _, per_pair = aot.llm_block_flops(llm)
-  keys_values, _, _ = aot.llm_block_flops(llm, keys_values_only=True)
-  full = seq_len * frozen + per_pair * aot.attention_pairs(seq_len)[0]
+  frozen, _, per_pair = flops.llm_block_flops(llm)
+  keys_values, _, _ = flops.llm_block_flops(llm, keys_values_only=True)
+  full = seq_len * frozen + per_pair * attention_pairs(seq_len)[0]
   row = seq_len * keys_values + (frozen - keys_values) + per_pair * seq_len
   layers = llm.num_hidden_layers
   return max(layers - 2, 0) * full + (row if layers >= 2 else 0)
@@ -58,7 +61,7 @@ def llm_flops(llm, seq_len):
 
 def describe(name, cfg, question_tokens):
   seq = cfg.num_visual_tokens + question_tokens + 1
-  vit, llm = aot.vision_tower_flops(cfg.vision, cfg.num_candidates), llm_flops(cfg.llm, seq)
+  vit, llm = flops.vision_tower_flops(cfg.vision, cfg.num_candidates), llm_flops(cfg.llm, seq)
   v, l = cfg.vision, cfg.llm
   print(f"config {name}: n={cfg.num_candidates}, {cfg.tokens_per_frame} tokens/frame, "
         f"SigLIP {v.num_hidden_layers}x{v.hidden_size} @ {v.image_size}px/{v.patch_size}, "
@@ -111,7 +114,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=3, help="timed runs (minimum is printed)")
   args = parser.parse_args()
   # The paper's setting, for comparison: so400m/384 x 128 frames, Qwen2.5-1.5B.
-  paper = hf.selector_config()
+  paper = experiment.selector_config(dict(llm="qwen2.5-1.5b", vision="siglip-so400m-patch14-384"))
   describe("paper (not run)", paper, 60)
   with tempfile.TemporaryDirectory() as folder:
     path = os.path.join(folder, "video.mp4")

@@ -21,6 +21,7 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from frameselect_jax.models import presets  # noqa: E402
 from frameselect_jax import hf  # noqa: E402
 from frameselect_jax.models.selector import Selector, SelectorConfig  # noqa: E402
 
@@ -44,7 +45,7 @@ def build_pair(shape: dict, workdir: str):
   torch_llm = Qwen2ForCausalLM(hf_cfg).eval()
   torch_llm.save_pretrained(workdir)
   llm = hf.load_qwen2(workdir)
-  cfg = SelectorConfig(vision=hf.SIGLIP_PRESETS["siglip-so400m-patch14-384"], llm=llm.config,
+  cfg = SelectorConfig(vision=presets.SIGLIP["siglip-so400m-patch14-384"], llm=llm.config,
                        num_candidates=NUM_CANDIDATES, pool_grid=POOL_GRID)
   selector = Selector(cfg, rngs=nnx.Rngs(0))
   selector.llm = llm

@@ -24,7 +24,7 @@ def main():
   import numpy as np
   from configs import stage1
   from train import trainer
-  from train.metrics import read_jsonl
+  from frameselect_jax import jsonl
 
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
@@ -34,13 +34,13 @@ def main():
       config.data.cache_visual_tokens = cached
       config.data.cache_dir = os.path.join(tmp, "cache")
       config.checkpoint.every_steps = 10 ** 6  # only the final save
-      config.eval.every_steps = 0
+      config.validation.every_steps = 0
       config.log.progress = False
       workdir = os.path.join(tmp, name.replace(" ", "_"))
       start = time.perf_counter()
       trainer.run(config, workdir)
       wall = time.perf_counter() - start
-      lines = [m for m in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "examples_per_s" in m]
+      lines = [m for m in jsonl.read(os.path.join(workdir, "metrics.jsonl")) if "examples_per_s" in m]
       steady = [m["examples_per_s"] for m in lines if m["step"] > args.warmup_steps]
       results[name] = (float(np.median(steady)), wall)
   batch = stage1.get_config("tiny").data.global_batch_size
@@ -55,11 +55,12 @@ def main():
         f"patches: cheap next to the LLM)")
   # The real model, where the frozen so400m tower dominates: analytic FLOPs per step.
   from configs import stage2
-  from train import compile as aot, modeling
+  from frameselect_jax import experiment
+  from train import flops
   real = stage2.get_config()
-  selector_cfg = modeling.selector_config(real)
-  with_cache, _ = aot.step_flops(real, selector_cfg, "importance", cached=True)
-  with_vit, _ = aot.step_flops(real, selector_cfg, "importance", cached=False)
+  selector_cfg = experiment.selector_config(real.model)
+  with_cache, _ = flops.step_flops(real, selector_cfg, "importance", cached=True)
+  with_vit, _ = flops.step_flops(real, selector_cfg, "importance", cached=False)
   print(f"real stage-2 step (Qwen2.5-1.5B + SigLIP so400m, 128 frames x 9 tokens, batch "
         f"{real.data.global_batch_size}), model FLOPs per step: cached {with_cache:.3e}, ViT "
         f"{with_vit:.3e} -> caching does {with_vit / with_cache:.1f}x less work")

@@ -7,9 +7,12 @@ on the command line: `--config.train.lr=2e-5`.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from frameselect_jax.sharding import LOGICAL_RULES
+from frameselect_jax.synthetic import NeedleSettings
 
 LLM_PRESETS = {"0.5b": "qwen2.5-0.5b", "1.5b": "qwen2.5-1.5b", "7b": "qwen2.5-7b",
                "tiny": "tiny"}
@@ -17,6 +20,9 @@ VISION_PRESET = "siglip-so400m-patch14-384"
 TOKENS_TO_GRID = {1: 1, 4: 2, 9: 3, 16: 4, 25: 5}
 # Attention and MLP projections of every LLM block (paths inside `Selector.llm`).
 LORA_PATTERN = r"self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
+
+
+BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -35,7 +41,10 @@ def parse_arg(arg: str | None, **defaults):
         raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
       value = True
     elif kind is bool:
-      value = value.lower() in ("1", "true", "yes")
+      if value.lower() not in BOOLEANS:
+        raise ValueError(f"config argument {key!r} is a boolean; {value!r} is none of "
+                         f"{sorted(BOOLEANS)}")
+      value = BOOLEANS[value.lower()]
     else:
       value = kind(value)
     out[key] = value
@@ -64,6 +73,7 @@ def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
   c.model.dtype = "bfloat16"          # compute dtype; trainable params stay float32
   c.model.frozen_dtype = "bfloat16"   # storage of the frozen backbone (halves its memory)
   c.model.remat = not tiny            # jax.checkpoint every transformer block
+  c.model.score_head = "query_mlp"
   # Causal attention: the Pallas flash kernel on TPU (auto), XLA's everywhere else.
   c.model.attention = "auto"          # auto | xla | flash
 
@@ -73,7 +83,8 @@ def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
   c.lora.pattern = LORA_PATTERN
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic" if tiny else "array_record"   # synthetic | array_record | tfds
+  # synthetic (frame arrays, unit tests) | needle (generated videos) | array_record | tfds
+  c.data.source = "synthetic" if tiny else "array_record"
   c.data.train_path = ""       # array_record glob of training records
   c.data.eval_path = ""        # array_record glob of held-out records
   c.data.tfds_name = ""
@@ -83,6 +94,10 @@ def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
   c.data.synthetic_train_videos = 64
   c.data.synthetic_eval_videos = 16
   c.data.synthetic_seed = 0
+  # data.source=needle: the needle benchmark (frameselect_jax.synthetic.NeedleSettings),
+  # written once to needle.dir (default <workdir>/../needle_data/<fingerprint>) and decoded
+  # through frameselect_jax.video like any video. Held-out: its test split.
+  c.data.needle = needle_settings()
   c.data.tokenizer = "byte" if tiny else ""   # "byte", a directory, or "" for model.llm_dir
   c.data.max_question_length = 160 if tiny else 96
   c.data.max_instruction_length = 160 if tiny else 128
@@ -118,11 +133,12 @@ def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 50 if tiny else 1000   # 0: only at the end
-  c.eval.k = 4 if tiny else 8                 # frames chosen by greedy NMS
-  c.eval.top_frames = 2 if tiny else 4        # the label's top frames to recall
-  c.eval.max_batches = 0                      # 0: the whole held-out split
+  # Validation on the held-out split during training (the evaluation harness is eval/).
+  c.validation = ml_collections.ConfigDict()
+  c.validation.every_steps = 50 if tiny else 1000   # 0: only at the end
+  c.validation.ks = (2, 4) if tiny else (4, 8)      # frame budgets: recall@k and hit@k
+  c.validation.relevant_label = 0.5           # a candidate is relevant when its label is >= this
+  c.validation.max_batches = 0                # 0: the whole held-out split
 
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 1 if tiny else 10
@@ -141,4 +157,14 @@ def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
   c.distributed.coordinator_address = ""   # empty: auto-detect (TPU pods)
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
+  return c
+
+
+def needle_settings(**changes) -> ml_collections.ConfigDict:
+  """data.needle: where the needle benchmark goes, its split sizes and its look."""
+  c = ml_collections.ConfigDict(dataclasses.asdict(NeedleSettings(**changes)))
+  c.dir = ""
+  c.train_videos = 256
+  c.test_videos = 64
+  c.backend = "auto"   # video decoder (frameselect_jax.video.BACKENDS)
   return c

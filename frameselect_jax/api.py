@@ -33,8 +33,8 @@ from flax import nnx
 
 import ml_collections
 
-from frameselect_jax import experiment, hf, selection, text, video
-from frameselect_jax.models.selector import DTYPES, Selector, SelectorConfig
+from frameselect_jax import errors, experiment, hf, selection, text, video
+from frameselect_jax.models.selector import Selector, SelectorConfig
 
 # Prompts are right-padded to a multiple of this many tokens (fewer compiled shapes).
 QUESTION_BUCKET = 64
@@ -94,8 +94,8 @@ class Selection:
       return np.where(self.valid, 1.0 / (1.0 + np.exp(-self.scores.astype(np.float64))), 0.0)
 
   def to_json(self, qid: str | None = None, video_id: str | None = None) -> dict:
-    """The selection-file record (DESIGN.md): qid, video_id, strategy, n, k, indices,
-    timestamps (seconds), scores (length n; null on padding, so the line is strict JSON).
+    """The selection-file record (`frameselect_jax.selection_file` documents the schema);
+    scores are null on padding candidates, so the line is strict JSON.
 
     video_id defaults to the file name without extension; qid to video_id plus a short
     hash of the question and options.
@@ -111,22 +111,6 @@ class Selection:
         "scores": [float(s) if ok and math.isfinite(s) else None
                    for s, ok in zip(self.scores.tolist(), self.valid.tolist())],
     }
-
-
-def write_selection_file(path: str, records: Iterable[dict]) -> int:
-  """Writes selection records as JSONL (one strict-JSON line each); returns the count."""
-  count = 0
-  with open(path, "w") as f:
-    for record in records:
-      f.write(json.dumps(record, allow_nan=False) + "\n")
-      count += 1
-  return count
-
-
-def read_selection_file(path: str) -> list[dict]:
-  """Reads a selection JSONL file back into records."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 # --- the selector ---
@@ -174,10 +158,10 @@ class FrameSelector:
   @classmethod
   def random(cls, llm: str = "tiny", vision: str = "tiny", *, num_candidates: int = 128,
              pool_grid: int = 3, dtype: str = "float32", seed: int = 0, **kwargs):
-    """Random weights from preset names (hf.QWEN2_PRESETS / SIGLIP_PRESETS), with the byte
+    """Random weights from preset names (`models.presets`), with the byte
     tokenizer. The scores mean nothing: for demos, tests and benchmarks."""
-    cfg = hf.selector_config(llm=llm, vision=vision, num_candidates=num_candidates,
-                             pool_grid=pool_grid, dtype=dtype)
+    cfg = experiment.selector_config(dict(llm=llm, vision=vision, num_candidates=num_candidates,
+                                          pool_grid=pool_grid, dtype=dtype))
     model = Selector(cfg, rngs=nnx.Rngs(seed))
     return cls(model, text.ByteTokenizer(),
                description=f"random {llm}/{vision} preset (untrained: scores are random)",
@@ -193,8 +177,10 @@ class FrameSelector:
     tokenizer: None loads it from llm_dir; "byte" uses the byte tokenizer; another string
     is a tokenizer directory; anything else is used as the tokenizer.
     """
-    model = hf.selector_from_hf(llm_dir, vision_dir, num_candidates=num_candidates,
-                                pool_grid=pool_grid, dtype=dtype, seed=seed)
+    cfg = experiment.selector_config(dict(llm_dir=llm_dir, vision_dir=vision_dir,
+                                          num_candidates=num_candidates, pool_grid=pool_grid,
+                                          dtype=dtype))
+    model = hf.selector_from_hf(cfg, llm_dir, vision_dir, seed=seed)
     return cls(model, _tokenizer(tokenizer, llm_dir),
                description=f"Hugging Face {llm_dir} + {vision_dir} "
                            "(untrained head: scores are random)",
@@ -223,7 +209,7 @@ class FrameSelector:
       meta = ckpt.read_meta(ckpt_dir, step)
     except Exception as error:
       raise ValueError(f"{ckpt_dir}: step {step} has no readable meta item, so it is not a "
-                       f"frameselect training checkpoint ({_short(error)})") from error
+                       f"frameselect training checkpoint ({errors.one_line(error, 300)})") from error
     config = ml_collections.ConfigDict(_config_from_meta(meta, ckpt_dir))
     m = config.model
     m.llm_dir = llm_dir or m.get("llm_dir") or ""
@@ -249,13 +235,11 @@ class FrameSelector:
       restored, _ = ckpt.restore_params(ckpt_dir, abstract, step)
     except Exception as error:
       raise ValueError(f"{ckpt_dir}: step {step} does not match the model its config "
-                       f"describes ({_short(error)})") from error
+                       f"describes ({errors.one_line(error, 300)})") from error
     params = nnx.State(restored)
     # Training kept the frozen backbone in model.frozen_dtype: use the same weights.
-    frozen_dtype = DTYPES[m.get("frozen_dtype", "float32")]
-    frozen = jax.tree.map(
-        lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        frozen)
+    cast = experiment.frozen_dtype(m.get("frozen_dtype", "float32"))
+    frozen = jax.tree.map(lambda x: x.astype(cast(x)), frozen)
     model = nnx.merge(graphdef, params, frozen)
     return cls(model, _tokenizer(tokenizer or _config_tokenizer(config), m.llm_dir or None),
                description=f"checkpoint {ckpt_dir} step {step} (stage {config['stage']}, "
@@ -394,7 +378,7 @@ def _tokenizer(spec, llm_dir: str | None):
     except FileNotFoundError:
       raise
     except Exception as error:
-      raise ValueError(f"cannot load a tokenizer from {directory!r} ({_short(error)}); pass "
+      raise ValueError(f"cannot load a tokenizer from {directory!r} ({errors.one_line(error, 300)}); pass "
                        "tokenizer=<directory> (or 'byte' for random tiny models)") from error
     return tokenizer
   return spec
@@ -443,7 +427,3 @@ def _config_from_meta(meta, where: str) -> dict:
                      "by this project's trainer, or by an incompatible version")
   return config
 
-
-def _short(error: BaseException, limit: int = 300) -> str:
-  message = f"{type(error).__name__}: {error}".strip()
-  return message if len(message) <= limit else message[:limit] + "..."

@@ -176,7 +176,8 @@ def run_demo(args) -> int:
   done(t)
 
   t = step(2, "building the tiny random selector (n=128 candidates; first JAX use compiles)")
-  from frameselect_jax.api import FrameSelector, write_selection_file
+  from frameselect_jax import selection_file
+  from frameselect_jax.api import FrameSelector
   selector = FrameSelector.random(num_candidates=128, seed=args.seed)
   done(t)
   print("      " + RANDOM_NOTICE.replace("no --checkpoint given: ", ""))
@@ -192,7 +193,7 @@ def run_demo(args) -> int:
   records = [r.to_json(qid=f"demo-{i}", video_id="needle") for i, r in enumerate(results)]
   records.append(uniform.to_json(qid="demo-uniform", video_id="needle"))
   jsonl_path = os.path.join(args.out, "selection.jsonl")
-  write_selection_file(jsonl_path, records)
+  selection_file.write(jsonl_path, records)
   plot_path = os.path.join(args.out, "selection.png")
   write_plot(results[0], plot_path, "tiny random preset, untrained: the scores are random",
              spans=[(info.start_s, info.stop_s, "needle shown (ground truth)")])

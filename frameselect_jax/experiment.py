@@ -1,34 +1,54 @@
-"""From an experiment config to the Selector it trains: one place for the trainer and the
-inference API (which rebuilds a trained model from the config stored in its checkpoint).
+"""From an experiment config to the Selector it trains: the one way, for the trainer, the AOT
+compiler and the inference API (which rebuilds a trained model from the config stored in its
+checkpoint).
 
-`config` is the ml_collections ConfigDict of configs/ (or a ConfigDict made from the dict a
-checkpoint stores): model.{llm, vision, llm_dir, vision_dir, num_candidates, pool_grid, dtype,
-remat}, stage, seed, lora.{pattern, rank, alpha}, train.trainable.
+`config` is the ml_collections ConfigDict of configs/ (or one made from the dict a checkpoint
+stores): model.{llm, vision, llm_dir, vision_dir, num_candidates, pool_grid, dtype,
+frozen_dtype, remat, score_head}, stage, seed, lora.{pattern, rank, alpha}, train.trainable.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from frameselect_jax import hf
+from frameselect_jax.models import presets
 from frameselect_jax.models.layers import add_lora
-from frameselect_jax.models.selector import Selector, SelectorConfig
+from frameselect_jax.models.selector import DTYPES, Selector, SelectorConfig
 
 TOP_LEVEL = ("vision_tower", "projector", "llm", "score_query", "score_head")
+MODEL_DEFAULTS = {"llm": "tiny", "vision": "tiny", "llm_dir": "", "vision_dir": "",
+                  "num_candidates": 128, "pool_grid": 3, "dtype": "float32", "remat": False,
+                  "score_head": "query_mlp"}
+# Also in the model section, used elsewhere (storage of the frozen weights, the kernel).
+MODEL_OTHER = ("frozen_dtype", "attention")
 
 
-def selector_config(config) -> SelectorConfig:
-  """From presets, or from the Hugging Face directories' config.json when given."""
-  m = config.model
-  if m.llm_dir or m.vision_dir:
-    if not (m.llm_dir and m.vision_dir):
+def selector_config(model) -> SelectorConfig:
+  """The SelectorConfig of a config's `model` section (a ConfigDict or a plain dict; missing
+  keys take MODEL_DEFAULTS): the backbones' shapes come from the Hugging Face directories'
+  config.json when model.llm_dir/vision_dir are set, else from the named presets."""
+  unknown = sorted(set(model) - set(MODEL_DEFAULTS) - set(MODEL_OTHER))
+  if unknown:
+    raise ValueError(f"unknown model fields {unknown}; known: {sorted(MODEL_DEFAULTS)}")
+  m = {**MODEL_DEFAULTS, **{k: model[k] for k in model if k in MODEL_DEFAULTS}}
+  if m["llm_dir"] or m["vision_dir"]:
+    if not (m["llm_dir"] and m["vision_dir"]):
       raise ValueError("set both model.llm_dir and model.vision_dir, or neither")
-    llm = hf.config_or_preset(m.llm_dir, None, hf.QWEN2_PRESETS, hf.qwen2_config_from_hf)
-    vision = hf.config_or_preset(m.vision_dir, None, hf.SIGLIP_PRESETS,
-                                  hf.siglip_config_from_hf)
-    return SelectorConfig(vision=vision, llm=llm, num_candidates=m.num_candidates,
-                          pool_grid=m.pool_grid, dtype=m.dtype, remat=m.remat).validate()
-  return hf.selector_config(llm=m.llm, vision=m.vision, num_candidates=m.num_candidates,
-                            pool_grid=m.pool_grid, dtype=m.dtype, remat=m.remat)
+    llm, vision = hf.qwen2_config(m["llm_dir"]), hf.siglip_config(m["vision_dir"])
+  else:
+    llm = presets.preset(presets.QWEN2, m["llm"])
+    vision = presets.preset(presets.SIGLIP, m["vision"])
+  return SelectorConfig(vision=vision, llm=llm, num_candidates=m["num_candidates"],
+                        pool_grid=m["pool_grid"], dtype=m["dtype"], remat=m["remat"],
+                        score_head=m["score_head"]).validate()
+
+
+def frozen_dtype(name: str):
+  """x -> the dtype a frozen array is stored in: floating arrays take `name`
+  (model.frozen_dtype), others keep theirs. Training and inference use the same weights."""
+  target = DTYPES[name]
+  return lambda x: target if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
 
 
 def trainable_filter(config):
@@ -52,16 +72,15 @@ def build_model(config, mesh=None) -> Selector:
   """A concrete Selector: Hugging Face weights when model.llm_dir/vision_dir are set, else a
   random init from the presets (identical on every process: same seed)."""
   m = config.model
+  cfg = selector_config(m)
   if m.llm_dir:
-    model = hf.selector_from_hf(m.llm_dir, m.vision_dir, num_candidates=m.num_candidates,
-                                pool_grid=m.pool_grid, dtype=m.dtype, remat=m.remat,
-                                mesh=mesh, seed=config.seed)
+    model = hf.selector_from_hf(cfg, m.llm_dir, m.vision_dir, mesh=mesh, seed=config.seed)
   else:
-    model = Selector(selector_config(config), rngs=nnx.Rngs(config.seed))
+    model = Selector(cfg, rngs=nnx.Rngs(config.seed))
   return add_adapters(model, config)
 
 
 def abstract_model(config) -> Selector:
   """Shapes only (no memory): for ahead-of-time compilation."""
-  cfg = selector_config(config)
+  cfg = selector_config(config.model)
   return nnx.eval_shape(lambda: add_adapters(Selector(cfg, rngs=nnx.Rngs(config.seed)), config))

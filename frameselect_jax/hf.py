@@ -24,47 +24,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from frameselect_jax import sharding as shd
-from frameselect_jax.models.layers import iter_dense
+from frameselect_jax.models import presets as presets_lib
+from frameselect_jax.models.layers import iter_dense, lora_delta
 from frameselect_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from frameselect_jax.models.selector import Selector, SelectorConfig
 from frameselect_jax.models.siglip import SiglipVisionConfig, SiglipVisionModel
-
-# --- Presets: the published hyperparameters (a directory's config.json wins over these) ---
-
-QWEN2_PRESETS = {
-    "qwen2.5-0.5b": Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                num_hidden_layers=24, num_attention_heads=14,
-                                num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-1.5b": Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                                num_hidden_layers=28, num_attention_heads=12,
-                                num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-7b": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                              num_hidden_layers=28, num_attention_heads=28,
-                              num_key_value_heads=4, tie_word_embeddings=False),
-    # For CPU tests and demos only.
-    "tiny": Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
-}
-SIGLIP_PRESETS = {
-    "siglip-base-patch16-224": SiglipVisionConfig(hidden_size=768, intermediate_size=3072,
-                                                  num_hidden_layers=12, num_attention_heads=12,
-                                                  image_size=224, patch_size=16),
-    "siglip-large-patch16-256": SiglipVisionConfig(hidden_size=1024, intermediate_size=4096,
-                                                   num_hidden_layers=24, num_attention_heads=16,
-                                                   image_size=256, patch_size=16),
-    "siglip-so400m-patch14-384": SiglipVisionConfig(hidden_size=1152, intermediate_size=4304,
-                                                    num_hidden_layers=27, num_attention_heads=16,
-                                                    image_size=384, patch_size=14),
-    "tiny": SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=2, image_size=56, patch_size=8),
-}
-
-
-def preset(table: dict, name: str):
-  if name not in table:
-    raise ValueError(f"unknown preset {name!r}; known: {sorted(table)}")
-  return table[name]
-
 
 # --- config.json ---
 
@@ -259,7 +223,7 @@ def _load_into(abstract_state, tensors: dict[str, np.ndarray], rules, ignored: s
 def load_qwen2(directory: str, *, preset_name: str | None = None, dtype=jnp.float32,
                mesh: Mesh | None = None) -> Qwen2ForCausalLM:
   """Qwen2ForCausalLM (Qwen2 / Qwen2.5) from a local Hugging Face directory."""
-  cfg = config_or_preset(directory, preset_name, QWEN2_PRESETS, qwen2_config_from_hf)
+  cfg = config_or_preset(directory, preset_name, presets_lib.QWEN2, qwen2_config_from_hf)
   return _load_model(directory, lambda: Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
                      QWEN2_RULES, QWEN2_IGNORED, mesh, tied=cfg.tie_word_embeddings)
 
@@ -267,7 +231,7 @@ def load_qwen2(directory: str, *, preset_name: str | None = None, dtype=jnp.floa
 def load_siglip(directory: str, *, preset_name: str | None = None, dtype=jnp.float32,
                 mesh: Mesh | None = None) -> SiglipVisionModel:
   """The vision tower of SiglipVisionModel or SiglipModel from a local directory."""
-  cfg = config_or_preset(directory, preset_name, SIGLIP_PRESETS, siglip_config_from_hf)
+  cfg = config_or_preset(directory, preset_name, presets_lib.SIGLIP, siglip_config_from_hf)
   return _load_model(directory, lambda: SiglipVisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
                      SIGLIP_RULES, SIGLIP_IGNORED, mesh)
 
@@ -281,6 +245,7 @@ def _load_model(directory, make_model, rules, ignored, mesh, tied=False):
 
 
 def config_or_preset(directory, preset_name, presets, from_hf):
+  """The directory's config.json, or the named preset when it has none."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
   if os.path.isfile(os.path.join(directory, "config.json")):
@@ -288,18 +253,26 @@ def config_or_preset(directory, preset_name, presets, from_hf):
   if preset_name is None:
     raise FileNotFoundError(f"{directory!r} has no config.json and no preset was given "
                             f"(known presets: {sorted(presets)})")
-  return preset(presets, preset_name)
+  return presets_lib.preset(presets, preset_name)
 
 
-def selector_from_hf(llm_dir: str, vision_dir: str, *, num_candidates: int = 128,
-                     pool_grid: int = 3, dtype: str = "float32", remat: bool = False,
+def qwen2_config(directory: str) -> Qwen2Config:
+  return config_or_preset(directory, None, presets_lib.QWEN2, qwen2_config_from_hf)
+
+
+def siglip_config(directory: str) -> SiglipVisionConfig:
+  return config_or_preset(directory, None, presets_lib.SIGLIP, siglip_config_from_hf)
+
+
+def selector_from_hf(cfg: SelectorConfig, llm_dir: str, vision_dir: str, *,
                      mesh: Mesh | None = None, seed: int = 0) -> Selector:
-  """A Selector whose LLM and vision tower come from Hugging Face directories; the projector,
-  score query and score head are freshly initialised (untrained)."""
+  """A Selector of `cfg` (`experiment.selector_config` reads it from the same directories)
+  whose LLM and vision tower come from Hugging Face directories; the projector, score query
+  and score head are freshly initialised (untrained)."""
   llm = load_qwen2(llm_dir, mesh=mesh)
   vision = load_siglip(vision_dir, mesh=mesh)
-  cfg = SelectorConfig(vision=vision.config, llm=llm.config, num_candidates=num_candidates,
-                       pool_grid=pool_grid, dtype=dtype, remat=remat)
+  if (llm.config, vision.config) != (cfg.llm, cfg.vision):
+    raise ValueError(f"{llm_dir} / {vision_dir} do not hold the backbone of this selector config")
   make = lambda: Selector(cfg, rngs=nnx.Rngs(seed))
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   is_backbone = lambda path, _: path[0] in ("llm", "vision_tower")
@@ -338,8 +311,7 @@ def qwen2_to_hf_tensors(model: Qwen2ForCausalLM) -> dict[str, np.ndarray]:
     inverse[_path_key(path)] = np.asarray(jax.device_get(variable.get_value()), np.float32)
   for path, dense in _lora_denses(model):
     key = f"{path}.kernel"
-    delta = dense.lora_scale * (np.asarray(dense.lora_a[...]) @ np.asarray(dense.lora_b[...]))
-    inverse[key] = inverse[key] + delta
+    inverse[key] = inverse[key] + np.asarray(lora_delta(dense), np.float32)
   tensors = {}
   for key, value in inverse.items():
     name, transform = _hf_name(key)
@@ -369,9 +341,3 @@ def save_qwen2(model: Qwen2ForCausalLM, directory: str) -> None:
   save_file(qwen2_to_hf_tensors(model), os.path.join(directory, "model.safetensors"),
             metadata={"format": "pt"})
 
-
-def selector_config(llm: str = "qwen2.5-1.5b", vision: str = "siglip-so400m-patch14-384",
-                    **overrides) -> SelectorConfig:
-  """SelectorConfig from preset names (the paper's default: Qwen2.5-1.5B + SigLIP so400m)."""
-  return SelectorConfig(vision=preset(SIGLIP_PRESETS, vision), llm=preset(QWEN2_PRESETS, llm),
-                        **overrides).validate()

@@ -6,6 +6,10 @@ Three strategies, all pure JAX, jit-able with a static k and vmap-able over a ba
   nms_greedy  the paper's greedy non-maximum suppression: take the best frame,
               suppress its temporal neighbours, repeat k times
 
+and the two measures of a selection against the candidates that matter (`relevant`):
+  recall_at_k  the share of the relevant candidates chosen, out of as many as k picks can hold
+  hit_at_k     whether at least one chosen candidate is relevant
+
 Conventions shared by every strategy:
   * inputs: scores float[n], valid bool[n] (False marks padding, see video.py),
     k a static Python int with 1 <= k <= n.
@@ -162,6 +166,36 @@ def select_batch(strategy: str, scores, valid, k: int):
   if strategy == "uniform":
     return jax.vmap(lambda v: uniform(v, k))(valid)
   return jax.vmap(lambda s, v: _select_one(strategy, s, v, k))(scores, valid)
+
+
+# --- How good a selection is ---
+
+def _chosen_relevant(chosen, relevant):
+  """chosen int[..., k] (-1 fill), relevant bool[..., n] -> (relevant chosen, relevant count)."""
+  chosen = jnp.asarray(chosen)
+  relevant = jnp.asarray(relevant).astype(bool)
+  index = jnp.clip(chosen, 0, relevant.shape[-1] - 1)
+  picked = jnp.take_along_axis(relevant, index, axis=-1) & (chosen >= 0)
+  return jnp.sum(picked, -1), jnp.sum(relevant, -1)
+
+
+def recall_at_k(chosen, relevant):
+  """|chosen and relevant| / min(|relevant|, k): 1 when the k picks hold as many relevant
+  candidates as they can. chosen int[..., k] (-1 fill), relevant bool[..., n]. Rows without
+  a relevant candidate give NaN: exclude them (see `has_relevant`), never count them as 0."""
+  hits, count = _chosen_relevant(chosen, relevant)
+  k = jnp.asarray(chosen).shape[-1]
+  return jnp.where(count > 0, hits / jnp.maximum(jnp.minimum(count, k), 1), jnp.nan)
+
+
+def hit_at_k(chosen, relevant):
+  """1.0 when at least one chosen candidate is relevant, else 0.0 (NaN without relevant ones)."""
+  hits, count = _chosen_relevant(chosen, relevant)
+  return jnp.where(count > 0, (hits > 0).astype(jnp.float32), jnp.nan)
+
+
+def has_relevant(relevant):
+  return jnp.any(jnp.asarray(relevant).astype(bool), -1)
 
 
 def nms_greedy_reference(scores, valid, k: int) -> np.ndarray:

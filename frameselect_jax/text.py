@@ -29,15 +29,29 @@ class ByteTokenizer:
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def question_prompt(question: str, options: Sequence[str] = ()) -> str:
-  """The text the selector sees after the visual tokens."""
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def question_with_options(question: str, options: Sequence[str] = ()) -> str:
+  """'Question: ...' followed by the options lettered (A), (B), ... when there are any."""
   if not question.strip():
     raise ValueError("the question is empty")
+  if len(options) > len(OPTION_LETTERS):
+    raise ValueError(f"at most {len(OPTION_LETTERS)} options, got {len(options)}")
   text = f"Question: {question.strip()}"
   if options:
-    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    text += "\nOptions:\n" + "\n".join(f"({letters[i]}) {o}" for i, o in enumerate(options))
-  return text + "\nWhich frames help answer the question?"
+    text += "\nOptions:\n" + "\n".join(f"({OPTION_LETTERS[i]}) {o}" for i, o in enumerate(options))
+  return text
+
+
+def question_prompt(question: str, options: Sequence[str] = ()) -> str:
+  """The text the selector sees after the visual tokens."""
+  return question_with_options(question, options) + "\nWhich frames help answer the question?"
+
+
+def instruction_prompt(question: str, options: Sequence[str] = ()) -> str:
+  """Stage-1 visual instruction following: the text before the answer."""
+  return question_with_options(question, options) + "\nAnswer:"
 
 
 def tokenize_questions(tokenizer: Tokenizer, prompts: Sequence[str], max_length: int,

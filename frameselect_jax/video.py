@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from frameselect_jax import errors
+
 BACKENDS = ("auto", "decord", "pyav")
 
 # What "auto" tries, in order; the next is used when one is missing or refuses
@@ -223,7 +225,7 @@ def _decode_decord(path, n, size) -> _Decoded:
     reader = decord.VideoReader(path, width=size, height=size, num_threads=1)
   except Exception as error:  # decord raises RuntimeError or its DECORDError
     raise _OpenError(
-      f"cannot open it: not a video, or truncated/corrupt? ({_short(error)})"
+      f"cannot open it: not a video, or truncated/corrupt? ({errors.one_line(error)})"
     ) from error
   total = len(reader)
   if total == 0:
@@ -248,7 +250,7 @@ def _decode_decord(path, n, size) -> _Decoded:
       try:
         frame = reader[index].asnumpy()
       except Exception as error:
-        failed[position] = _short(error)
+        failed[position] = errors.one_line(error)
         continue
       if frame.shape != expected_shape[1:]:
         # decord 0.6.0 mis-sizes its output at some sizes (2..24, 48, 72; not
@@ -269,7 +271,7 @@ def _decode_pyav(path, n, size) -> _Decoded:
     container = av.open(path)
   except Exception as error:  # InvalidDataError for non-videos, others for odd files
     raise _OpenError(
-      f"cannot open it: not a video, or truncated/corrupt? ({_short(error)})"
+      f"cannot open it: not a video, or truncated/corrupt? ({errors.one_line(error)})"
     ) from error
   with container:
     if not container.streams.video:
@@ -318,7 +320,7 @@ def _decode_pyav(path, n, size) -> _Decoded:
         if frame is None:
           raise EOFError("stream ended before this frame")
       except Exception as error:
-        failed[position] = _short(error)
+        failed[position] = errors.one_line(error)
         decoded_iter = None  # the decoder state is suspect: seek afresh
         continue
       frames[position] = frame.to_ndarray(width=size, height=size, format="rgb24")
@@ -376,9 +378,3 @@ def _frame_count_and_keyframes(container, stream, fps, start_s):
 
 _DECODERS = {"decord": _decode_decord, "pyav": _decode_pyav}
 
-
-def _short(error: BaseException, limit: int = 200) -> str:
-  """One line naming an exception, without decord's multi-line C++ traces."""
-  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-  text = text if len(text) <= limit else text[:limit] + "..."
-  return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from frameselect_jax import cli, synthetic, text, video
-from frameselect_jax.api import FrameSelector, read_selection_file, write_selection_file
+from frameselect_jax import selection_file
+from frameselect_jax.api import FrameSelector
 
 N = 16  # candidates per video in these tests
 QUESTION = "When does the red square appear?"
@@ -77,8 +78,8 @@ def test_json_record_round_trips(selector, videos, tmp_path):
              selector.select(videos["short"], QUESTION, k=4, strategy="top_k")]
   records = [r.to_json() for r in results] + [results[0].to_json(qid="q7", video_id="vid")]
   path = tmp_path / "selection.jsonl"
-  assert write_selection_file(path, records) == 3
-  assert read_selection_file(path) == records
+  assert selection_file.write(str(path), records) == 3
+  assert selection_file.read(str(path)) == records
   record = records[0]
   assert set(record) == {"qid", "video_id", "strategy", "n", "k", "indices", "timestamps",
                          "scores"}
@@ -164,14 +165,15 @@ def stage2_run(tmp_path_factory):
   """A stage-2 (LoRA) tiny checkpoint with non-trivial trained parameters, and the model the
   trainer would evaluate, built with the trainer's own code."""
   from configs import stage2
+  from frameselect_jax import experiment
   from train import modeling
   config = stage2.get_config("tiny")
-  model = modeling.build_model(config)
+  model = experiment.build_model(config)
   graphdef, params, frozen = modeling.split(model, config)
   params = nnx.to_pure_dict(params)
   keys = iter(jax.random.split(jax.random.key(7), 1000))
   params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), params)
-  frozen = jax.tree.map(lambda x: x.astype(modeling.frozen_dtype_fn(config)(x)),
+  frozen = jax.tree.map(lambda x: x.astype(experiment.frozen_dtype(config.model.frozen_dtype)(x)),
                         nnx.to_pure_dict(frozen))
   workdir = tmp_path_factory.mktemp("stage2")
   _save_trainer_checkpoint(workdir / "checkpoints", config, params)

@@ -10,7 +10,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from conftest import save_random_qwen2
-from frameselect_jax import hf
+from frameselect_jax.models import presets
+from frameselect_jax import experiment, hf
 
 
 def _copy(src, dst):
@@ -81,7 +82,7 @@ def test_config_json_wins_over_preset(qwen2_dir):
 
 
 def test_preset_used_when_directory_has_no_config(tmp_path):
-  tiny = hf.QWEN2_PRESETS["tiny"]
+  tiny = presets.QWEN2["tiny"]
   save_random_qwen2(str(tmp_path), vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size,
                     intermediate_size=tiny.intermediate_size, layers=tiny.num_hidden_layers,
                     num_attention_heads=tiny.num_attention_heads,
@@ -95,17 +96,20 @@ def test_preset_used_when_directory_has_no_config(tmp_path):
 
 
 def test_published_presets():
-  q = hf.QWEN2_PRESETS
+  q = presets.QWEN2
   assert (q["qwen2.5-1.5b"].num_attention_heads, q["qwen2.5-1.5b"].num_key_value_heads) == (12, 2)
   assert q["qwen2.5-0.5b"].tie_word_embeddings and not q["qwen2.5-7b"].tie_word_embeddings
-  assert hf.SIGLIP_PRESETS["siglip-so400m-patch14-384"].grid_size == 27
-  assert hf.SIGLIP_PRESETS["siglip-base-patch16-224"].grid_size == 14
-  assert hf.SIGLIP_PRESETS["siglip-large-patch16-256"].grid_size == 16
+  assert presets.SIGLIP["siglip-so400m-patch14-384"].grid_size == 27
+  assert presets.SIGLIP["siglip-base-patch16-224"].grid_size == 14
+  assert presets.SIGLIP["siglip-large-patch16-256"].grid_size == 16
 
 
 def test_selector_from_hf_uses_checkpoints_and_fresh_head(qwen2_dir, siglip_dir):
   llm = hf.load_qwen2(qwen2_dir)
-  selector = hf.selector_from_hf(qwen2_dir, siglip_dir, num_candidates=6, pool_grid=3)
+  cfg = experiment.selector_config(dict(llm_dir=qwen2_dir, vision_dir=siglip_dir,
+                                        num_candidates=6, pool_grid=3))
+  assert cfg.llm == llm.config
+  selector = hf.selector_from_hf(cfg, qwen2_dir, siglip_dir)
   np.testing.assert_array_equal(selector.llm.model.layers[2].mlp.up_proj.kernel[...],
                                 llm.model.layers[2].mlp.up_proj.kernel[...])
   assert selector.score_head.linear_2.kernel[...].shape == (64, 6)

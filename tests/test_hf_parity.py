@@ -9,6 +9,8 @@ import torch
 from flax import nnx
 
 from conftest import save_random_qwen2, save_random_siglip
+from frameselect_jax import experiment
+from frameselect_jax.models import presets
 from frameselect_jax import hf
 from frameselect_jax.models.layers import add_lora
 from frameselect_jax.models.siglip import adaptive_avg_pool
@@ -154,7 +156,7 @@ def test_real_size_selector_param_counts_equal_transformers():
   """Qwen2.5-1.5B + SigLIP so400m built abstractly (no memory) against transformers on meta."""
   from transformers import Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
   from frameselect_jax.models.selector import Selector
-  cfg = hf.selector_config("qwen2.5-1.5b", "siglip-so400m-patch14-384")
+  cfg = experiment.selector_config(dict(llm="qwen2.5-1.5b", vision="siglip-so400m-patch14-384"))
   selector = nnx.eval_shape(lambda: Selector(cfg, rngs=nnx.Rngs(0)))
   llm_cfg = _hf_qwen2_config(cfg.llm)
   vision_cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
@@ -174,7 +176,7 @@ def test_real_size_selector_param_counts_equal_transformers():
 def test_other_llm_presets_param_counts_equal_transformers(name):
   from transformers import Qwen2ForCausalLM
   from frameselect_jax.models.qwen2 import Qwen2ForCausalLM as Ours
-  cfg = hf.QWEN2_PRESETS[name]
+  cfg = presets.QWEN2[name]
   ours = nnx.eval_shape(lambda: Ours(cfg, rngs=nnx.Rngs(0)))
   with torch.device("meta"):
     ref = Qwen2ForCausalLM(_hf_qwen2_config(cfg))
@@ -186,7 +188,7 @@ def test_other_siglip_presets_param_counts_equal_transformers(name):
   import dataclasses
   from transformers import SiglipVisionConfig, SiglipVisionModel
   from frameselect_jax.models.siglip import SiglipVisionModel as Ours
-  cfg = hf.SIGLIP_PRESETS[name]
+  cfg = presets.SIGLIP[name]
   ours = nnx.eval_shape(lambda: Ours(cfg, rngs=nnx.Rngs(0)))
   with torch.device("meta"):
     ref = SiglipVisionModel(SiglipVisionConfig(**dataclasses.asdict(cfg), vision_use_head=False))

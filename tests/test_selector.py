@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from frameselect_jax import experiment
+from frameselect_jax.models import presets
 from frameselect_jax import hf
 from frameselect_jax.models.layers import Dense, add_lora, merge_lora
 from frameselect_jax.models.selector import Selector, SelectorConfig
@@ -19,7 +21,7 @@ encode = nnx.jit(lambda model, frames: model.encode_frames(frames))
 
 
 def tiny_config(**overrides):
-  return hf.selector_config("tiny", "tiny", num_candidates=N, **overrides)
+  return experiment.selector_config(dict(llm="tiny", vision="tiny", num_candidates=N, **overrides))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,7 @@ def test_question_changes_scores(selector, visual_tokens):
 def test_instruction_logits_cover_text_positions(selector, visual_tokens):
   ids, mask = _questions([5, 3, 7], 7)
   logits = selector.instruction_logits(visual_tokens, ids, mask)
-  assert logits.shape == (3, 7, hf.QWEN2_PRESETS["tiny"].vocab_size)
+  assert logits.shape == (3, 7, presets.QWEN2["tiny"].vocab_size)
 
 
 def test_wrong_candidate_count_is_an_error(selector):

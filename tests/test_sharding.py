@@ -9,6 +9,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from frameselect_jax import experiment
 from frameselect_jax import sharding as shd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,10 +50,10 @@ def test_sharded_forward_equals_single_device_and_loading_places_shards(tmp_path
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from frameselect_jax import hf, sharding as shd
+    from frameselect_jax import experiment, hf, sharding as shd
     from frameselect_jax.models.selector import Selector
     assert jax.device_count() == 8
-    cfg = hf.selector_config("tiny", "tiny", num_candidates=8)
+    cfg = experiment.selector_config(dict(llm="tiny", vision="tiny", num_candidates=8))
     make = lambda: Selector(cfg, rngs=nnx.Rngs(0))
     frames = jax.random.uniform(jax.random.key(1), (4, 8, 56, 56, 3), minval=-1, maxval=1)
     ids = jnp.tile(jnp.arange(1, 11, dtype=jnp.int32), (4, 1))

@@ -1,4 +1,4 @@
-"""The TPU flash-attention wrapper (frameselect_jax.tpu_attention) computes what the model's
+"""The TPU flash-attention wrapper (frameselect_jax.models.attention) computes what the model's
 XLA attention computes at every position the model reads: checked on CPU with the kernel
 swapped for its plain-JAX reference (same segments, padding, head mapping, shard_map)."""
 import subprocess
@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from frameselect_jax import hf, tpu_attention
+from frameselect_jax import experiment
+from frameselect_jax import hf
 from frameselect_jax import sharding as shd
-from frameselect_jax.models import layers
+from frameselect_jax.models import attention
 from frameselect_jax.models.selector import Selector
 from train_testlib import REPO, env
 
@@ -26,16 +27,10 @@ def compare_attention(mesh, seq=300, heads=4, kv_heads=2, batch=4):
   valid[0, 40:90] = False   # padding frames among the visual tokens
   valid[1, 250:] = False    # right padding of the text
   valid[2, ::7] = False
-  mask = layers.causal_mask(seq, jnp.asarray(valid))
-  expected = jax.jit(lambda q, k, v: layers.dot_product_attention(q, k, v, mask, causal=True))(q, k, v)
-  flash = tpu_attention.flash_attention(mesh, reference=True)
-
-  @jax.jit
-  def with_override(q, k, v):
-    with layers.attention_implementation(flash):
-      return layers.dot_product_attention(q, k, v, mask, causal=True)
-
-  got = with_override(q, k, v)
+  key_valid = jnp.asarray(valid)
+  expected = jax.jit(attention.causal_attention)(q, k, v, key_valid)
+  flash = attention.flash_attention(mesh, reference=True)
+  got = jax.jit(flash)(q, k, v, key_valid)
   np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid], atol=2e-5)
 
 
@@ -44,16 +39,15 @@ def test_flash_wrapper_matches_xla_attention_on_valid_positions():
 
 
 def test_selector_scores_are_the_same_with_the_flash_wrapper():
-  cfg = hf.selector_config(llm="tiny", vision="tiny", num_candidates=16, pool_grid=3)
+  cfg = experiment.selector_config(dict(llm="tiny", vision="tiny", num_candidates=16, pool_grid=3))
   model = Selector(cfg, rngs=nnx.Rngs(0))
   visual = jax.random.normal(jax.random.key(1), (2, 16, 9, cfg.vision.hidden_size))
   ids = jax.random.randint(jax.random.key(2), (2, 40), 0, 250)
   mask = (jnp.arange(40)[None] < jnp.array([[40], [23]])).astype(jnp.int32)
   valid = jnp.arange(16)[None] < jnp.array([[16], [11]])
   expected = model.score(visual, ids, mask, valid)
-  with layers.attention_implementation(
-      tpu_attention.flash_attention(shd.make_mesh(1, 1, 1, jax.devices()[:1]), reference=True)):
-    got = model.score(visual, ids, mask, valid)
+  flash = attention.flash_attention(shd.make_mesh(1, 1, 1, jax.devices()[:1]), reference=True)
+  got = model.score(visual, ids, mask, valid, attention=flash)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-5)
 
 

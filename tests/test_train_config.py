@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from frameselect_jax import hf
+from frameselect_jax.models import presets
 from train import trainer
 from train_testlib import REPO, env
 
@@ -38,7 +38,7 @@ def test_paper_configs_use_real_presets(spec, llm, tokens, stage):
   assert config.model.llm == llm and config.stage == stage
   assert config.model.vision == "siglip-so400m-patch14-384"
   assert selector_cfg.tokens_per_frame == tokens and selector_cfg.num_candidates == 128
-  assert selector_cfg.llm == hf.QWEN2_PRESETS[llm]
+  assert selector_cfg.llm == presets.QWEN2[llm]
   assert config.model.dtype == "bfloat16" and config.model.remat
   if stage == 2:  # the paper: LoRA, importance only, lr 1e-5 with a cosine schedule, 5 epochs
     assert ratio == (0, 1) and config.train.lr == 1e-5
@@ -79,8 +79,17 @@ def test_pool_grid_larger_than_patch_grid():
 
 
 def test_k_greater_than_n():
-  with pytest.raises(trainer.ConfigError, match=r"eval.k=17 must be in \[1, n=16\]"):
-    trainer.check_config(tiny(eval__k=17))
+  with pytest.raises(trainer.ConfigError, match=r"validation.ks=\(2, 17\) must be frame budgets "
+                     r"in \[1, n=16\]"):
+    trainer.check_config(tiny(validation__ks=(2, 17)))
+
+
+def test_a_boolean_config_argument_must_be_a_boolean():
+  from configs import common
+  assert common.parse_arg("tiny=no", tiny=True).tiny is False
+  assert common.parse_arg("tiny=Yes", tiny=False).tiny is True
+  with pytest.raises(ValueError, match="config argument 'tiny' is a boolean; 'ture' is none of"):
+    common.parse_arg("tiny=ture", tiny=False)
 
 
 def test_stage2_without_stage1_checkpoint(tmp_path):

@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
+from frameselect_jax import experiment
 from frameselect_jax import checkpoint as ckpt
-from frameselect_jax import records
+from frameselect_jax import input_pipeline, synthetic, video
 from frameselect_jax import sharding as shd
 from train import modeling, trainer
 from train import step as step_lib
@@ -23,12 +24,12 @@ def build(config):
 
 
 def batch_of(config, count=8, seed=3):
-  selector_cfg = modeling.selector_config(config)
+  selector_cfg = experiment.selector_config(config.model)
   spec = trainer.example_spec(config, selector_cfg)
   tokenizer, eos = trainer.load_tokenizer(config)
-  recs = records.needle_records(count // 2, selector_cfg.num_candidates,
+  recs = synthetic.needle_records(count // 2, selector_cfg.num_candidates,
                                 selector_cfg.vision.image_size, seed=seed)
-  examples = [records.make_example(r, spec, tokenizer, eos_id=eos,
+  examples = [input_pipeline.make_example(r, spec, tokenizer, eos_id=eos,
                                    vocab_size=selector_cfg.llm.vocab_size) for r in recs]
   return spec, {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
@@ -61,7 +62,7 @@ def test_cached_visual_tokens_give_the_same_loss_as_running_the_vit(float32_setu
   config, graphdef, params, frozen, batch = float32_setup
   # The cache path: encode once per video (as the trainer does), then drop the tower.
   encode = jax.jit(lambda frozen, frames: step_lib.merge_model(graphdef, params, frozen)
-                   .encode_frames(records.normalize_frames(frames)))
+                   .encode_frames(video.normalize(frames)))
   cached = dict(batch, visual=np.asarray(encode(frozen, batch["frames"])))
   del cached["frames"]
   vision_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -118,9 +119,11 @@ def test_tiny_loss_falls_and_stage2_starts_from_stage1(tmp_path):
   metrics = read_metrics(stage1)
   step_lines = [m for m in metrics if "grad_norm" in m]
   assert {"lr", "grad_norm", "examples_per_s", "step_time_s"} <= set(step_lines[0])
-  assert any("eval/bce" in m and "eval/recall_at_4" in m for m in metrics)
+  assert any("validation/bce" in m and "validation/recall_at_4" in m
+             and "validation/hit_at_4" in m for m in metrics)
   scalars = tensorboard_scalars(stage1)  # the same names and values as the JSONL
-  assert {"loss/importance", "loss/instruction", "lr", "eval/recall_at_4"} <= set(scalars)
+  assert {"loss/importance", "loss/instruction", "lr", "validation/recall_at_4",
+          "validation/hit_at_4"} <= set(scalars)
   assert dict(scalars["loss/importance"]) == pytest.approx(losses(stage1, "loss/importance"))
   assert ckpt.latest_step(os.path.join(stage1, "checkpoints")) == 32
 

@@ -5,15 +5,15 @@ import grain
 import numpy as np
 import pytest
 
-from frameselect_jax import records
+from frameselect_jax import input_pipeline, records, synthetic
 from train_testlib import losses, run_train
 
 
 def test_array_record_source_round_trips_records(tmp_path):
-  recs = records.needle_records(4, 8, 16, seed=1)
+  recs = synthetic.needle_records(4, 8, 16, seed=1)
   recs[0]["options"] = ["frame 1", "frame 5"]
   path = records.write_array_record(str(tmp_path / "train.array_record"), recs)
-  source = records.ArrayRecordSource(str(tmp_path / "*.array_record"))
+  source = input_pipeline.ArrayRecordSource(str(tmp_path / "*.array_record"))
   assert len(source) == len(recs) == 8 and source.paths == [path]
   for got, want in zip((source[i] for i in range(len(source))), recs):
     assert set(got) == set(want)
@@ -25,11 +25,11 @@ def test_array_record_source_round_trips_records(tmp_path):
 
 
 def test_needle_labels_point_at_the_named_square():
-  recs = records.needle_records(3, 16, 32, seed=0)
+  recs = synthetic.needle_records(3, 16, 32, seed=0)
   for r in recs:
     color = r["question"].split()[3]
     on = np.flatnonzero(r["temporal"])
-    rgb = np.array(records.NEEDLE_COLORS[color])
+    rgb = np.array(synthetic.NEEDLE_COLORS[color])
     best = int(np.argmax(r["labels"]))
     assert best in on and r["valid"][on].all()
     # the whole square shows only on the best frame
@@ -40,24 +40,24 @@ def test_needle_labels_point_at_the_named_square():
 
 def test_make_example_rejects_overlong_prompts_and_foreign_tokens():
   from frameselect_jax.text import ByteTokenizer
-  rec = records.needle_records(1, 8, 16, seed=0)[0]
-  spec = records.ExampleSpec(8, 16, 9, 32, max_question_length=20, max_instruction_length=200)
+  rec = synthetic.needle_records(1, 8, 16, seed=0)[0]
+  spec = input_pipeline.ExampleSpec(8, 16, 9, 32, max_question_length=20, max_instruction_length=200)
   with pytest.raises(ValueError, match="question prompt has .* tokens, more than the configured "
                      "maximum 20"):
-    records.make_example(rec, spec, ByteTokenizer(), eos_id=257, vocab_size=1024)
-  spec = records.ExampleSpec(8, 16, 9, 32, max_question_length=200, max_instruction_length=200)
+    input_pipeline.make_example(rec, spec, ByteTokenizer(), eos_id=257, vocab_size=1024)
+  spec = input_pipeline.ExampleSpec(8, 16, 9, 32, max_question_length=200, max_instruction_length=200)
   with pytest.raises(ValueError, match="does not match the LLM"):
-    records.make_example(rec, spec, ByteTokenizer(), eos_id=257, vocab_size=100)
-  example = records.make_example(rec, spec, ByteTokenizer(), eos_id=257, vocab_size=1024)
+    input_pipeline.make_example(rec, spec, ByteTokenizer(), eos_id=257, vocab_size=100)
+  example = input_pipeline.make_example(rec, spec, ByteTokenizer(), eos_id=257, vocab_size=1024)
   answer = example["text_ids"][example["answer_mask"] == 1]
   assert ByteTokenizer().decode(answer[:-1]).strip() == rec["answer"] and answer[-1] == 257
 
 
 def test_processes_read_disjoint_blocks_of_the_same_global_batches():
   size, batch, epochs = 20, 8, 3
-  single = records.global_batches(grain.MapDataset.range(size), global_batch_size=batch,
+  single = input_pipeline.global_batches(grain.MapDataset.range(size), global_batch_size=batch,
                                   process_index=0, process_count=1, seed=7, num_epochs=epochs)
-  parts = [records.global_batches(grain.MapDataset.range(size), global_batch_size=batch,
+  parts = [input_pipeline.global_batches(grain.MapDataset.range(size), global_batch_size=batch,
                                   process_index=p, process_count=4, seed=7, num_epochs=epochs)
            for p in range(4)]
   assert len(single) == size * epochs // batch
@@ -70,19 +70,19 @@ def test_processes_read_disjoint_blocks_of_the_same_global_batches():
 
 
 def test_iterator_resumes_from_its_saved_position():
-  dataset = records.global_batches(grain.MapDataset.range(50), global_batch_size=4,
+  dataset = input_pipeline.global_batches(grain.MapDataset.range(50), global_batch_size=4,
                                    process_index=0, process_count=1, seed=0, num_epochs=2)
-  it = records.to_iterator(dataset)
+  it = input_pipeline.to_iterator(dataset)
   [next(it) for _ in range(5)]
   state = it.get_state()
   rest = [next(it).tolist() for _ in range(5)]
-  again = records.to_iterator(dataset)
+  again = input_pipeline.to_iterator(dataset)
   again.set_state(state)
   assert [next(again).tolist() for _ in range(5)] == rest
 
 
 def test_a_video_path_instead_of_frames_is_a_clear_error():
-  record = records.needle_records(1, 8, 16, seed=0)[0]
+  record = synthetic.needle_records(1, 8, 16, seed=0)[0]
   record = {k: v for k, v in record.items() if k != "frames"}
   record["video"] = "/videos/clip.mp4"
   with pytest.raises(ValueError, match="list of JPEG bytes.*got str"):
@@ -92,14 +92,14 @@ def test_a_video_path_instead_of_frames_is_a_clear_error():
 def test_worker_processes_give_the_same_batches_and_resume():
   """data.worker_count > 0: grain worker processes yield the in-process batches, in order,
   and an iterator restored from a saved state continues where it was."""
-  dataset = records.global_batches(grain.MapDataset.range(40), global_batch_size=4,
+  dataset = input_pipeline.global_batches(grain.MapDataset.range(40), global_batch_size=4,
                                    process_index=0, process_count=1, seed=3, num_epochs=1)
-  in_process = [b.tolist() for b in records.to_iterator(dataset)]
-  workers = records.to_iterator(dataset, worker_count=2)
+  in_process = [b.tolist() for b in input_pipeline.to_iterator(dataset)]
+  workers = input_pipeline.to_iterator(dataset, worker_count=2)
   first = [next(workers).tolist() for _ in range(4)]
   state = workers.get_state()
   assert first + [b.tolist() for b in workers] == in_process
-  again = records.to_iterator(dataset, worker_count=2)
+  again = input_pipeline.to_iterator(dataset, worker_count=2)
   again.set_state(state)
   assert [b.tolist() for b in again] == in_process[4:]
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import stage1
+from frameselect_jax import experiment
 from frameselect_jax import hf, visual_cache
 from train import trainer
 
@@ -47,7 +48,7 @@ def test_cache_directory_changes_with_the_vision_weights(tmp_path):
   (vision_dir / "model.safetensors").write_bytes(b"weights one")
   config = stage1.get_config("tiny")
   config.model.vision_dir = str(vision_dir)
-  selector_cfg = hf.selector_config(llm="tiny", vision="tiny", num_candidates=16, pool_grid=3)
+  selector_cfg = experiment.selector_config(dict(llm="tiny", vision="tiny", num_candidates=16, pool_grid=3))
   first = trainer.cache_directory(config, selector_cfg, str(tmp_path / "work"))
   assert first == trainer.cache_directory(config, selector_cfg, str(tmp_path / "work"))
   (vision_dir / "model.safetensors").write_bytes(b"weights two, same path")

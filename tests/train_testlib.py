@@ -19,7 +19,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # A small, fast stage-1 run on generated needle videos.
 TINY = ["--config.data.synthetic_train_videos=16", "--config.data.synthetic_eval_videos=4",
-        "--config.log.progress=False", "--config.eval.every_steps=0"]
+        "--config.log.progress=False", "--config.validation.every_steps=0"]
 
 
 def env(devices: int = 1) -> dict:

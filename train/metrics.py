@@ -45,7 +45,3 @@ class MetricWriter:
       self.jsonl.close()
       self.tb.close()
 
-
-def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]

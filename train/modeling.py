@@ -13,9 +13,9 @@ import numpy as np
 from flax import nnx
 
 from frameselect_jax import sharding as shd
-from frameselect_jax.experiment import (TOP_LEVEL, abstract_model, build_model,  # noqa: F401
-                                        selector_config, trainable_filter)
-from frameselect_jax.models.selector import DTYPES, Selector
+from frameselect_jax.experiment import abstract_model, build_model, frozen_dtype, trainable_filter
+from frameselect_jax.models.selector import Selector
+
 
 def split(model: Selector, config):
   """(graphdef, trainable state, frozen state) as NNX States (Variables keep axis names)."""
@@ -32,11 +32,6 @@ def shardings_of(state, mesh, rules):
 def abstract_of(pure, shardings, dtype_of=lambda x: x.dtype):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype_of(x), sharding=s),
                       pure, shardings)
-
-
-def frozen_dtype_fn(config):
-  target = DTYPES[config.model.frozen_dtype]
-  return lambda x: target if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
 
 
 def place(pure, shardings, dtype_fn=lambda x: x.dtype):
@@ -64,7 +59,7 @@ def prepare(config, mesh, rules):
     graphdef, params_abs, frozen_abs = split(abstract_model(config), config)
     param_shardings = shardings_of(params_abs, mesh, rules)
     frozen_shardings = shardings_of(frozen_abs, mesh, rules)
-    cast_frozen = frozen_dtype_fn(config)
+    cast_frozen = frozen_dtype(config.model.frozen_dtype)
 
     def init():
       _, params_state, frozen_state = split(build_model(config), config)
@@ -79,7 +74,7 @@ def prepare(config, mesh, rules):
   param_shardings = shardings_of(params_state, mesh, rules)
   frozen_shardings = shardings_of(frozen_state, mesh, rules)
   params = place(nnx.to_pure_dict(params_state), param_shardings, _param_dtype)
-  frozen = place(nnx.to_pure_dict(frozen_state), frozen_shardings, frozen_dtype_fn(config))
+  frozen = place(nnx.to_pure_dict(frozen_state), frozen_shardings, frozen_dtype(config.model.frozen_dtype))
   return graphdef, params, frozen, param_shardings, frozen_shardings
 
 
@@ -89,7 +84,7 @@ def prepare_abstract(config, mesh, rules):
   param_shardings = shardings_of(params_state, mesh, rules)
   frozen_shardings = shardings_of(frozen_state, mesh, rules)
   params = abstract_of(nnx.to_pure_dict(params_state), param_shardings, lambda x: jnp.float32)
-  frozen = abstract_of(nnx.to_pure_dict(frozen_state), frozen_shardings, frozen_dtype_fn(config))
+  frozen = abstract_of(nnx.to_pure_dict(frozen_state), frozen_shardings, frozen_dtype(config.model.frozen_dtype))
   return graphdef, params, frozen, param_shardings, frozen_shardings
 
 

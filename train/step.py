@@ -1,4 +1,4 @@
-"""The pure functions of training: losses, the optimizer, the train step and the eval step.
+"""The pure functions of training: losses, the optimizer, the train step and the validation step.
 
 Parameters travel as plain nested dicts of arrays: `params` (trainable, fp32) and `frozen`
 (the rest). A step merges them into the Selector with `nnx.merge`, so the step is a pure
@@ -15,28 +15,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from frameselect_jax import selection
 from frameselect_jax import sharding as shd
-from frameselect_jax import tpu_attention
-from frameselect_jax.models import layers
-from frameselect_jax.records import normalize_frames
+from frameselect_jax.video import normalize
 
 TASKS = ("instruction", "importance")
 MODEL_INPUTS = {
     "importance": ("valid", "labels", "question_ids", "question_mask", "weight"),
     "instruction": ("valid", "text_ids", "text_mask", "answer_mask", "weight"),
 }
-
-
-def attention_for(config, mesh, platform: str):
-  """The causal attention the step traces with: `model.attention` = xla | flash | auto
-  (auto: the Pallas flash kernel when compiling for TPU, XLA's attention elsewhere)."""
-  choice = config.model.attention
-  if choice not in ("auto", "xla", "flash"):
-    raise ValueError(f"model.attention must be auto, xla or flash, got {choice!r}")
-  if choice == "flash" or (choice == "auto" and platform == "tpu"):
-    if platform != "tpu":
-      raise ValueError(f"model.attention='flash' is a TPU kernel; this step targets {platform}")
-    return tpu_attention.flash_attention(mesh)
-  return None
 
 
 def step_fields(task: str, cached: bool) -> tuple[str, ...]:
@@ -85,25 +70,25 @@ def merge_model(graphdef, params, frozen, vision_abstract=None):
 def visual_tokens(model, batch):
   if "visual" in batch:
     return batch["visual"]
-  # Frozen tower: nothing trainable feeds it, so autodiff never runs backward through it.
-  return model.encode_frames(normalize_frames(batch["frames"]))
+  # A frozen tower has nothing trainable feeding it: autodiff never runs backward through it.
+  return model.encode_frames(normalize(batch["frames"]))
 
 
-def importance_sums(model, batch):
+def importance_sums(model, batch, attention=None):
   """Binary cross-entropy of the n logits against the soft labels over valid candidates."""
   valid = batch["valid"]
   logits = model.score(visual_tokens(model, batch), batch["question_ids"],
-                       batch["question_mask"], valid)
+                       batch["question_mask"], valid, attention=attention)
   logits = jnp.where(valid, logits, 0.0)  # invalid logits are -inf: keep them out of the loss
   mask = valid.astype(jnp.float32) * batch["weight"][:, None]
   bce = optax.sigmoid_binary_cross_entropy(logits, batch["labels"])
   return jnp.sum(bce * mask), jnp.sum(mask), logits
 
 
-def instruction_sums(model, batch):
+def instruction_sums(model, batch, attention=None):
   """Next-token cross-entropy on the answer tokens, given the visual tokens and the prompt."""
   logits = model.instruction_logits(visual_tokens(model, batch), batch["text_ids"],
-                                    batch["text_mask"], batch["valid"])
+                                    batch["text_mask"], batch["valid"], attention=attention)
   targets = batch["text_ids"][:, 1:]
   mask = batch["answer_mask"][:, 1:].astype(jnp.float32) * batch["weight"][:, None]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
@@ -131,11 +116,10 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
 
   def micro_loss(params, frozen, micro, count):
     model = merge_model(graphdef, params, frozen, vision_abstract)
-    with layers.attention_implementation(attention):
-      if task == "importance":
-        total, _, _ = importance_sums(model, micro)
-      else:
-        total, _ = instruction_sums(model, micro)
+    if task == "importance":
+      total, _, _ = importance_sums(model, micro, attention)
+    else:
+      total, _ = instruction_sums(model, micro, attention)
     return total / count
 
   grad_fn = jax.value_and_grad(micro_loss)
@@ -171,29 +155,34 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
   return step
 
 
-def make_eval_step(graphdef, *, k: int, top_frames: int, vision_abstract=None, attention=None):
-  """eval(params, frozen, batch) -> sums: BCE over valid frames, and recall of the label's
-  top frames among the k frames greedy NMS picks from the predicted scores (and, as the
-  ceiling of that metric, from the labels themselves)."""
+def make_validation_step(graphdef, *, ks, relevant_label: float, vision_abstract=None,
+                         attention=None):
+  """validate(params, frozen, batch) -> sums over the batch's examples.
 
-  def recall(chosen, relevant):
-    hit = jnp.any((relevant[:, :, None] == chosen[:, None, :]) & (chosen[:, None, :] >= 0), -1)
-    hit = hit & (relevant >= 0)
-    return jnp.sum(hit, -1) / jnp.maximum(jnp.sum(relevant >= 0, -1), 1)
+  BCE over valid frames, and for each k: recall@k and hit@k (selection.py) of the k frames
+  greedy NMS picks from the predicted scores, of uniform sampling, and of NMS over the labels
+  themselves (the ceiling). The relevant candidates are those whose label is at least
+  `relevant_label`; examples without any are counted apart (`unscored`), never as misses.
+  """
 
   def step(params, frozen, batch):
     model = merge_model(graphdef, params, frozen, vision_abstract)
-    with layers.attention_implementation(attention):
-      bce_sum, count, logits = importance_sums(model, batch)
-    valid = batch["valid"]
-    chosen = selection.select_batch("nms_greedy", jnp.where(valid, logits, -jnp.inf), valid, k)
-    oracle = selection.select_batch("nms_greedy", batch["labels"], valid, k)
-    relevant = selection.select_batch("top_k", batch["labels"], valid, top_frames)
-    weight = batch["weight"]
-    return {"bce_sum": bce_sum, "bce_count": count,
-            "recall_sum": jnp.sum(recall(chosen, relevant) * weight),
-            "oracle_recall_sum": jnp.sum(recall(oracle, relevant) * weight),
-            "examples": jnp.sum(weight)}
+    bce_sum, count, logits = importance_sums(model, batch, attention)
+    valid, weight = batch["valid"], batch["weight"]
+    relevant = (batch["labels"] >= relevant_label) & valid
+    scored = weight * selection.has_relevant(relevant)
+    out = {"bce_sum": bce_sum, "bce_count": count, "examples": jnp.sum(weight),
+           "scored": jnp.sum(scored)}
+    for k in ks:
+      picks = {"": selection.select_batch("nms_greedy", jnp.where(valid, logits, -jnp.inf),
+                                          valid, k),
+               "uniform_": selection.select_batch("uniform", logits, valid, k),
+               "oracle_": selection.select_batch("nms_greedy", batch["labels"], valid, k)}
+      for name, chosen in picks.items():
+        for metric, fn in (("recall", selection.recall_at_k), ("hit", selection.hit_at_k)):
+          value = jnp.nan_to_num(fn(chosen, relevant))
+          out[f"{name}{metric}_at_{k}"] = jnp.sum(value * scored)
+    return out
 
   return step
 
@@ -224,7 +213,7 @@ def jit_train_step(step, *, param_shardings, frozen_shardings, opt_shardings, ba
                  donate_argnums=(0, 2))
 
 
-def jit_eval_step(step, *, param_shardings, frozen_shardings, batch_shardings, mesh):
+def jit_validation_step(step, *, param_shardings, frozen_shardings, batch_shardings, mesh):
   replicated = NamedSharding(mesh, P())
   return jax.jit(step, in_shardings=(param_shardings, frozen_shardings, batch_shardings),
                  out_shardings=replicated)

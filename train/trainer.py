@@ -6,6 +6,7 @@ latest checkpoint, then loop: one jitted step per batch, metrics, evaluation, ch
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -23,10 +24,15 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from frameselect_jax import checkpoint as ckpt
+from frameselect_jax import experiment
 from frameselect_jax import hf
+from frameselect_jax import input_pipeline
 from frameselect_jax import records
 from frameselect_jax import sharding as shd
+from frameselect_jax import synthetic
+from frameselect_jax import video
 from frameselect_jax import visual_cache
+from frameselect_jax.models import attention as attention_lib
 from frameselect_jax.text import ByteTokenizer
 from train import modeling
 from train import step as step_lib
@@ -36,6 +42,9 @@ from train.metrics import MetricWriter
 class ConfigError(ValueError):
   """A configuration that cannot run; raised before any heavy work starts."""
 
+
+SOURCES = ("synthetic", "needle", "array_record", "tfds")
+NEEDLE_SPLITS = ("train", "test")
 
 # --- Configuration checks ---
 
@@ -63,14 +72,17 @@ def check_config(config, runtime: bool = True):
   if config.stage not in (1, 2):
     raise ConfigError(f"stage must be 1 or 2, got {config.stage}")
   try:
-    selector_cfg = modeling.selector_config(config)
+    selector_cfg = experiment.selector_config(config.model)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(f"model: {e}") from None
   n = selector_cfg.num_candidates
-  if not 1 <= config.eval.k <= n:
-    raise ConfigError(f"eval.k={config.eval.k} must be in [1, n={n}] (model.num_candidates)")
-  if not 1 <= config.eval.top_frames <= n:
-    raise ConfigError(f"eval.top_frames={config.eval.top_frames} must be in [1, n={n}]")
+  ks = tuple(config.validation.ks)
+  if not ks or any(not isinstance(k, int) or not 1 <= k <= n for k in ks):
+    raise ConfigError(f"validation.ks={ks} must be frame budgets in [1, n={n}] "
+                      "(model.num_candidates)")
+  if not 0 < config.validation.relevant_label <= 1:
+    raise ConfigError(f"validation.relevant_label={config.validation.relevant_label} must be "
+                      "in (0, 1]")
   ratio = parse_task_ratio(config.train.task_ratio)
   if config.stage == 2 and ratio[0]:
     raise ConfigError(f"stage 2 trains importance prediction only; train.task_ratio "
@@ -86,9 +98,16 @@ def check_config(config, runtime: bool = True):
                       "array_record files)")
   if config.data.source == "tfds" and not config.data.tfds_name:
     raise ConfigError("data.source='tfds' needs data.tfds_name")
-  if config.data.source not in ("synthetic", "array_record", "tfds"):
-    raise ConfigError(f"unknown data.source {config.data.source!r}; choose synthetic, "
-                      f"array_record or tfds")
+  if config.data.source not in SOURCES:
+    raise ConfigError(f"unknown data.source {config.data.source!r}; choose one of {SOURCES}")
+  if config.data.source == "needle":
+    try:
+      needle_settings(config).validate()
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"data.needle: {e}") from None
+    if config.data.needle.backend not in video.BACKENDS:
+      raise ConfigError(f"data.needle.backend={config.data.needle.backend!r}; choose one of "
+                        f"{video.BACKENDS}")
   if not config.data.tokenizer and not config.model.llm_dir:
     raise ConfigError("data.tokenizer is empty and there is no model.llm_dir to take the "
                       "tokenizer from; use 'byte' for tiny presets or a tokenizer directory")
@@ -148,25 +167,70 @@ def load_tokenizer(config):
   return tok, tok.eos_token_id
 
 
-def make_sources(config, selector_cfg):
+def needle_settings(config) -> synthetic.NeedleSettings:
+  fields = {f.name for f in dataclasses.fields(synthetic.NeedleSettings)}
+  return synthetic.NeedleSettings(**{k: v for k, v in config.data.needle.items() if k in fields})
+
+
+def needle_directory(config, workdir: str) -> str:
+  if config.data.needle.dir:
+    return os.path.abspath(config.data.needle.dir)
+  key = visual_cache.fingerprint(settings=dataclasses.asdict(needle_settings(config)))
+  return os.path.join(os.path.dirname(os.path.abspath(workdir)), "needle_data", key)
+
+
+def write_needle_data(config, workdir: str) -> str:
+  """Process 0 writes the needle benchmark (or finds it written); the others wait for it."""
+  root = needle_directory(config, workdir)
+  if jax.process_index() == 0:
+    splits = {"train": config.data.needle.train_videos, "test": config.data.needle.test_videos}
+    synthetic.write_needle_benchmark(root, splits, needle_settings(config),
+                                     progress=config.log.progress)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("needle benchmark written")
+  return root
+
+
+def make_sources(config, selector_cfg, workdir):
   d = config.data
+  n, size = selector_cfg.num_candidates, selector_cfg.vision.image_size
   if d.source == "synthetic":
-    make = functools.partial(records.needle_records, num_candidates=selector_cfg.num_candidates,
-                             image_size=selector_cfg.vision.image_size)
+    make = functools.partial(synthetic.needle_records, num_candidates=n, image_size=size)
     train = make(d.synthetic_train_videos, seed=d.synthetic_seed)
     held_out = make(d.synthetic_eval_videos, seed=d.synthetic_seed + 1_000_003)
-    return records.InMemorySource(train), records.InMemorySource(held_out)
+    return input_pipeline.InMemorySource(train), input_pipeline.InMemorySource(held_out)
+  if d.source == "needle":
+    root = write_needle_data(config, workdir)
+    show = config.log.progress and jax.process_index() == 0
+    return tuple(input_pipeline.needle_source(root, split, n, size, backend=d.needle.backend,
+                                              progress=show) for split in NEEDLE_SPLITS)
   if d.source == "array_record":
-    train = records.ArrayRecordSource(d.train_path)
-    held_out = records.ArrayRecordSource(d.eval_path) if d.eval_path else None
+    train = input_pipeline.ArrayRecordSource(d.train_path)
+    held_out = input_pipeline.ArrayRecordSource(d.eval_path) if d.eval_path else None
     return train, held_out
-  train = records.tfds_source(d.tfds_name, d.train_split, d.tfds_dir)
-  held_out = records.tfds_source(d.tfds_name, d.eval_split, d.tfds_dir) if d.eval_split else None
+  train = input_pipeline.tfds_source(d.tfds_name, d.train_split, d.tfds_dir)
+  held_out = (input_pipeline.tfds_source(d.tfds_name, d.eval_split, d.tfds_dir)
+              if d.eval_split else None)
   return train, held_out
 
 
-def example_spec(config, selector_cfg) -> records.ExampleSpec:
-  return records.ExampleSpec(
+def check_sources(sources, transform):
+  """Turns the first record of each split into an example before any step runs, so data that
+  cannot fit the model (another candidate count or image size, no question, prompts over the
+  configured length, a foreign tokenizer) fails now, naming the split, not mid-training."""
+  for name, source in zip(("training", "held-out"), sources):
+    if source is None:
+      continue
+    if len(source) == 0:
+      raise ConfigError(f"the {name} split is empty")
+    try:
+      transform(source[0])
+    except (ValueError, KeyError) as e:
+      raise ConfigError(f"the {name} split does not fit this config: {e}") from None
+
+
+def example_spec(config, selector_cfg) -> input_pipeline.ExampleSpec:
+  return input_pipeline.ExampleSpec(
       num_candidates=selector_cfg.num_candidates, image_size=selector_cfg.vision.image_size,
       tokens_per_frame=selector_cfg.tokens_per_frame, vision_width=selector_cfg.vision.hidden_size,
       max_question_length=config.data.max_question_length,
@@ -179,7 +243,7 @@ def local_to_global(batch: dict, shardings: dict) -> dict:
           for k in shardings}
 
 
-def eval_batches(source, transform, spec, cached, global_batch, process_index, process_count):
+def validation_batches(source, transform, spec, cached, global_batch, process_index, process_count):
   """The held-out split in global batches, one pass, in order; the last batch is padded with
   weight-0 examples so every process runs the same number of steps."""
   size = len(source)
@@ -188,7 +252,7 @@ def eval_batches(source, transform, spec, cached, global_batch, process_index, p
 
   def local_batch(s):
     start = s * global_batch + process_index * local
-    rows = [transform(source[i]) if i < size else records.empty_example(spec, cached)
+    rows = [transform(source[i]) if i < size else input_pipeline.empty_example(spec, cached)
             for i in range(start, start + local)]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -230,7 +294,7 @@ def fill_visual_cache(config, selector_cfg, graphdef, params, frozen, train_indi
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
     model = step_lib.merge_model(graphdef, zeros(params_abstract),
                                  {**zeros(other), "vision_tower": vision})
-    return model.encode_frames(records.normalize_frames(frames))
+    return model.encode_frames(video.normalize(frames))
 
   videos = ((vid, lambda s=s, i=i: records.record_frames(s[i], spec.image_size))
             for vid, (s, i) in ids.items())
@@ -251,7 +315,9 @@ def cache_directory(config, selector_cfg, workdir):
       seed=None if config.model.vision_dir else config.seed,
       data=[config.data.source, config.data.train_path, config.data.eval_path,
             config.data.tfds_name, config.data.synthetic_seed,
-            config.data.synthetic_train_videos, config.data.synthetic_eval_videos])
+            config.data.synthetic_train_videos, config.data.synthetic_eval_videos,
+            config.data.needle.to_dict() if config.data.source == "needle" else None,
+            selector_cfg.num_candidates])
   return os.path.join(base, key)
 
 
@@ -272,7 +338,10 @@ def run(config, workdir: str | None = None) -> dict:
   tokenizer, eos_id = load_tokenizer(config)
 
   # Data: this process's share of every global batch, in a seeded order.
-  train_source, eval_source = make_sources(config, selector_cfg)
+  train_source, eval_source = make_sources(config, selector_cfg, workdir)
+  check_sources((train_source, eval_source), functools.partial(
+      input_pipeline.make_example, spec=spec, tokenizer=tokenizer, eos_id=eos_id,
+      vocab_size=selector_cfg.llm.vocab_size))
   global_batch = config.data.global_batch_size
   steps_per_epoch = len(train_source) // global_batch
   if steps_per_epoch < 1:
@@ -280,7 +349,7 @@ def run(config, workdir: str | None = None) -> dict:
                       f"global batch of {global_batch}")
   total_steps = config.train.num_steps or config.train.epochs * steps_per_epoch
   epochs_needed = math.ceil(total_steps / steps_per_epoch) + 1
-  batching = functools.partial(records.global_batches, global_batch_size=global_batch,
+  batching = functools.partial(input_pipeline.global_batches, global_batch_size=global_batch,
                                process_index=process_index, process_count=process_count,
                                seed=config.data.shuffle_seed, num_epochs=epochs_needed)
 
@@ -314,10 +383,10 @@ def run(config, workdir: str | None = None) -> dict:
     frozen = {k: v for k, v in frozen.items() if k != "vision_tower"}
     frozen_shardings = {k: v for k, v in frozen_shardings.items() if k != "vision_tower"}
     transform_kw["visual_lookup"] = cache.get
-  transform = functools.partial(records.make_example, **transform_kw)
+  transform = functools.partial(input_pipeline.make_example, **transform_kw)
   train_data = batching(grain.MapDataset.source(train_source).map(transform))
-  data_iterator = records.to_iterator(train_data, num_threads=config.data.num_threads,
-                                      worker_count=config.data.worker_count)
+  data_iterator = input_pipeline.to_iterator(train_data, num_threads=config.data.num_threads,
+                                             worker_count=config.data.worker_count)
 
   # Resume from the latest checkpoint of this workdir, if any.
   checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -336,7 +405,8 @@ def run(config, workdir: str | None = None) -> dict:
 
   # One jitted step per task, explicit shardings, donated params and optimizer state.
   try:
-    attention = step_lib.attention_for(config, mesh, jax.default_backend())
+    attention = attention_lib.causal_attention_for(config.model.attention, mesh,
+                                                   jax.default_backend())
   except ValueError as e:
     raise ConfigError(str(e)) from None
   tasks = [t for t, count in zip(step_lib.TASKS, ratio) if count]
@@ -349,32 +419,39 @@ def run(config, workdir: str | None = None) -> dict:
         param_shardings=param_shardings, frozen_shardings=frozen_shardings,
         opt_shardings=opt_shardings, batch_shardings=step_lib.batch_shardings(mesh, spec, fields[task]),
         mesh=mesh)
-  eval_fields = step_lib.step_fields("importance", cached)
-  eval_step = step_lib.jit_eval_step(
-      step_lib.make_eval_step(graphdef, k=config.eval.k, top_frames=config.eval.top_frames,
-                              vision_abstract=vision_abstract, attention=attention),
+  validation_fields = step_lib.step_fields("importance", cached)
+  validation_step = step_lib.jit_validation_step(
+      step_lib.make_validation_step(graphdef, ks=tuple(config.validation.ks),
+                                    relevant_label=config.validation.relevant_label,
+                                    vision_abstract=vision_abstract, attention=attention),
       param_shardings=param_shardings, frozen_shardings=frozen_shardings,
-      batch_shardings=step_lib.batch_shardings(mesh, spec, eval_fields), mesh=mesh)
+      batch_shardings=step_lib.batch_shardings(mesh, spec, validation_fields), mesh=mesh)
 
-  def evaluate(params):
+  def validate(params):
+    """validation/*: BCE, and recall@k and hit@k of NMS over the scores, of uniform sampling
+    and of NMS over the labels (the ceiling), over the held-out examples with a relevant
+    candidate (validation/scored of validation/examples)."""
     if eval_source is None or len(eval_source) == 0:
       return {}
-    steps, batches = eval_batches(eval_source, transform, spec, cached, global_batch,
-                                  process_index, process_count)
-    limit = config.eval.max_batches or steps
+    steps, batches = validation_batches(eval_source, transform, spec, cached, global_batch,
+                                        process_index, process_count)
+    limit = config.validation.max_batches or steps
     totals = {}
     for s, batch in enumerate(batches):
       if s >= limit:
         break
-      out = jax.device_get(eval_step(params, frozen, local_to_global(
-          {k: batch[k] for k in eval_fields}, step_lib.batch_shardings(mesh, spec, eval_fields))))
+      out = jax.device_get(validation_step(params, frozen, local_to_global(
+          {k: batch[k] for k in validation_fields},
+          step_lib.batch_shardings(mesh, spec, validation_fields))))
       for key, value in out.items():
         totals[key] = totals.get(key, 0.0) + float(value)
-    k = config.eval.k
-    return {"eval/bce": totals["bce_sum"] / max(totals["bce_count"], 1.0),
-            f"eval/recall_at_{k}": totals["recall_sum"] / max(totals["examples"], 1.0),
-            f"eval/oracle_recall_at_{k}": totals["oracle_recall_sum"] / max(totals["examples"], 1.0),
-            "eval/examples": totals["examples"]}
+    scored = max(totals["scored"], 1.0)
+    results = {"validation/bce": totals["bce_sum"] / max(totals["bce_count"], 1.0),
+               "validation/examples": totals["examples"], "validation/scored": totals["scored"]}
+    for key, value in totals.items():
+      if "_at_" in key:
+        results[f"validation/{key}"] = value / scored
+    return results
 
   writer = MetricWriter(workdir, enabled=is_chief)
   writer.event("resume" if start_step else "start", step=start_step, total_steps=total_steps,
@@ -453,9 +530,10 @@ def run(config, workdir: str | None = None) -> dict:
         break
       if step % config.checkpoint.every_steps == 0 or step == total_steps:
         save(step, force=True)
-      if (config.eval.every_steps and step % config.eval.every_steps == 0) or step == total_steps:
+      every = config.validation.every_steps
+      if (every and step % every == 0) or step == total_steps:
         drain()
-        results = evaluate(params)
+        results = validate(params)
         if results:
           writer.scalars(step, results)
           last.update(results)

@@ -1,4 +1,5 @@
-"""Building blocks shared by the vision tower, the LLM and the selector.
+"""Building blocks shared by the vision tower, the LLM and the selector (attention kernels
+are in `attention.py`).
 
 Every parameter is created through `param`, which records its logical axis names
 (`out_sharding` metadata); `frameselect_jax.sharding` maps those names onto a mesh.
@@ -6,7 +7,6 @@ Parameters are stored in float32; `dtype` is the compute dtype.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from typing import Callable
@@ -132,72 +132,10 @@ def apply_rope(x, cos, sin):
   return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-# Causal attention can be swapped, at trace time, for a fused kernel (e.g. the TPU flash
-# attention of frameselect_jax.tpu_attention): see `attention_implementation`.
-_CAUSAL_ATTENTION_OVERRIDE = None
-
-
-@contextlib.contextmanager
-def attention_implementation(fn):
-  """While tracing inside this block, causal `dot_product_attention(q, k, v, mask)` calls
-  `fn(q, k, v, mask)` instead (None: the XLA code below)."""
-  global _CAUSAL_ATTENTION_OVERRIDE
-  previous, _CAUSAL_ATTENTION_OVERRIDE = _CAUSAL_ATTENTION_OVERRIDE, fn
-  try:
-    yield
-  finally:
-    _CAUSAL_ATTENTION_OVERRIDE = previous
-
-
-def dot_product_attention(q, k, v, mask, *, causal=False, block_size=256):
-  """q: (b, s, h, d); k, v: (b, t, kv_heads, d); mask: bool broadcastable to (b, 1, s, t).
-
-  Grouped-query attention without materialising repeated K/V: query heads are viewed as
-  (kv_heads, group). Softmax in float32. With `causal`, queries are processed in blocks that
-  only see keys up to the block's end: the skipped keys are masked anyway, so the result is
-  the same while the work and the logits' memory roughly halve for long sequences.
-  """
-  if causal and _CAUSAL_ATTENTION_OVERRIDE is not None:
-    return _CAUSAL_ATTENTION_OVERRIDE(q, k, v, mask)
-  s = q.shape[1]
-  if not causal or s <= block_size:
-    return _attention(q, k, v, mask)
-  mask = jnp.broadcast_to(mask, (mask.shape[0], 1, s, k.shape[1]))
-  outs = []
-  for start in range(0, s, block_size):
-    end = min(start + block_size, s)
-    outs.append(_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, :, start:end, :end]))
-  return jnp.concatenate(outs, axis=1)
-
-
-def _attention(q, k, v, mask):
-  # The query heads of each KV head are folded into the query axis, so each KV head is one
-  # plain batched matmul: no repeated K/V, and the layout XLA's CPU and TPU dots like best.
-  b, s, h, d = q.shape
-  kv_heads = k.shape[2]
-  group = h // kv_heads
-  q = q.reshape(b, s, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * s, d)
-  logits = jnp.einsum("bkqd,btkd->bkqt", q, k, preferred_element_type=jnp.float32)
-  logits = logits / math.sqrt(d)
-  mask = jnp.tile(mask[:, 0], (1, group, 1))[:, None]  # (b|1, 1, group * s, t)
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkqt,btkd->bkqd", weights, v)
-  return out.reshape(b, kv_heads, group, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
-
-
 def take_rows(x, rows, axis=1):
   """x[i, rows[i]] for each example i, keeping the axis (size 1): rows (b,) int."""
   index = rows.reshape((-1,) + (1,) * (x.ndim - 1))
   return jnp.take_along_axis(x, index, axis=axis)
-
-
-def causal_mask(seq_len, attention_mask=None):
-  """Boolean (b|1, 1, s, s) mask: causal, and key positions with attention_mask == 0 hidden."""
-  mask = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None]
-  if attention_mask is not None:
-    mask = mask & attention_mask.astype(bool)[:, None, None, :]
-  return mask
 
 
 # --- LoRA ---
@@ -240,14 +178,18 @@ def add_lora(module: nnx.Module, pattern: str, *, rank: int, alpha: float,
   return adapted
 
 
+def lora_delta(dense: Dense):
+  """What an adapter adds to its Dense's kernel: (alpha / rank) * A @ B, in float32."""
+  return dense.lora_scale * (dense.lora_a[...] @ dense.lora_b[...])
+
+
 def merge_lora(module: nnx.Module) -> int:
   """Folds every adapter into its base kernel (for inference) and removes it. Returns the count."""
   merged = 0
   for _, dense in iter_dense(module):
     if dense.lora_a is None:
       continue
-    delta = dense.lora_scale * (dense.lora_a[...] @ dense.lora_b[...])
-    dense.kernel[...] = dense.kernel[...] + delta.astype(dense.kernel.dtype)
+    dense.kernel[...] = dense.kernel[...] + lora_delta(dense).astype(dense.kernel.dtype)
     dense.lora_a, dense.lora_b, dense.lora_scale = None, None, 0.0
     merged += 1
   return merged

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from frameselect_jax.models.layers import (Dense, Embed, RMSNorm, apply_rope, causal_mask,
-                                           dot_product_attention, rope_cos_sin, take_rows)
+from frameselect_jax.models.attention import CausalAttention, causal_attention, dot_product_attention
+from frameselect_jax.models.layers import Dense, Embed, RMSNorm, apply_rope, rope_cos_sin, take_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,20 +57,23 @@ class Qwen2Attention(nnx.Module):
     self.o_proj = Dense(cfg.num_attention_heads * hd, d, axes=("q_heads", "embed"),
                         use_bias=False, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask, rows=None):
-    """Self-attention over x (b, s, d). With rows (b,) int, only the output at position
-    rows[i] of each example is computed (b, 1, d): keys and values still cover every token."""
+  def __call__(self, x, cos, sin, key_valid, rows=None, attention: CausalAttention | None = None):
+    """Causal self-attention over x (b, s, d); key_valid (b, s) hides padded keys. With rows
+    (b,) int, only the output at position rows[i] of each example is computed (b, 1, d):
+    keys and values still cover every token. `attention` replaces the XLA kernel."""
     b, s, _ = x.shape
     k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
     k = apply_rope(k, cos, sin)
-    causal = rows is None
-    if rows is not None:
-      # The mask row of each query already holds its causal and padding visibility.
+    if rows is None:
+      q = apply_rope(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
+      out = (attention or causal_attention)(q, k, v, key_valid)
+    else:
       x, cos, sin = take_rows(x, rows), take_rows(cos, rows), take_rows(sin, rows)
-      mask = take_rows(jnp.broadcast_to(mask, (b, 1, s, s)), rows, axis=2)
-    q = self.q_proj(x).reshape(b, x.shape[1], self.num_heads, self.head_dim)
-    out = dot_product_attention(apply_rope(q, cos, sin), k, v, mask, causal=causal)
+      q = apply_rope(self.q_proj(x).reshape(b, 1, self.num_heads, self.head_dim), cos, sin)
+      # Each query row sees the valid keys at or before its own position.
+      visible = key_valid & (jnp.arange(s)[None, :] <= rows[:, None])
+      out = dot_product_attention(q, k, v, visible[:, None, None, :])
     return self.o_proj(out.reshape(b, x.shape[1], self.num_heads * self.head_dim))
 
 
@@ -94,10 +97,10 @@ class Qwen2DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
     self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask, rows=None):
+  def __call__(self, x, cos, sin, key_valid, rows=None, attention=None):
     """x (b, s, d) -> (b, s, d); with rows (b,) int, only each example's row rows[i] (b, 1, d)."""
     residual = x if rows is None else take_rows(x, rows)
-    x = residual + self.self_attn(self.input_layernorm(x), cos, sin, mask, rows)
+    x = residual + self.self_attn(self.input_layernorm(x), cos, sin, key_valid, rows, attention)
     return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -112,7 +115,8 @@ class Qwen2Model(nnx.Module):
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
   def __call__(self, inputs_embeds, *, attention_mask=None, position_ids=None,
-               num_layers=None, output_rows=None, output_hidden_states=False):
+               num_layers=None, output_rows=None, output_hidden_states=False,
+               attention: CausalAttention | None = None):
     """Runs the first `num_layers` blocks (all by default) over input embeddings.
 
     Returns (last hidden state, tuple of hidden states). The final norm is applied only
@@ -122,22 +126,27 @@ class Qwen2Model(nnx.Module):
     output_rows (b,) int: only the hidden state at position output_rows[i] of each example
     is wanted, so the last block computes that row alone (its keys and values still cover
     every token); the last hidden state is then (b, 1, d).
+
+    attention_mask (b, s): 1 on real tokens, 0 on padding (hidden from every query).
+    attention: the causal attention kernel (None: XLA's, `attention.causal_attention`).
     """
     b, s, _ = inputs_embeds.shape
     num_layers = len(self.layers) if num_layers is None else num_layers
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
     cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-    mask = causal_mask(s, attention_mask)
+    key_valid = (jnp.ones((b, s), bool) if attention_mask is None
+                 else jnp.broadcast_to(attention_mask.astype(bool), (b, s)))
     x = inputs_embeds
     hidden_states = [x]
     for i, layer in enumerate(self.layers[:num_layers]):
       rows = output_rows if i == num_layers - 1 else None
       if self.remat:
-        x = nnx.remat(lambda layer, x, cos, sin, mask, rows: layer(x, cos, sin, mask, rows))(
-            layer, x, cos, sin, mask, rows)
+        x = nnx.remat(lambda layer, x, cos, sin, valid, rows: layer(x, cos, sin, valid, rows,
+                                                                    attention))(
+            layer, x, cos, sin, key_valid, rows)
       else:
-        x = layer(x, cos, sin, mask, rows)
+        x = layer(x, cos, sin, key_valid, rows, attention)
       hidden_states.append(x)
     if output_rows is not None and num_layers == 0:
       x = take_rows(x, output_rows)
@@ -166,10 +175,11 @@ class Qwen2ForCausalLM(nnx.Module):
     return self.lm_head(hidden)
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
-               position_ids=None, output_hidden_states=False):
+               position_ids=None, output_hidden_states=False, attention=None):
     if inputs_embeds is None:
       inputs_embeds = self.embed(input_ids)
     hidden, all_hidden = self.model(inputs_embeds, attention_mask=attention_mask,
                                     position_ids=position_ids,
-                                    output_hidden_states=output_hidden_states)
+                                    output_hidden_states=output_hidden_states,
+                                    attention=attention)
     return self.logits(hidden), all_hidden

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from frameselect_jax.models.layers import Dense, RMSNorm, gelu_exact, normal_init, param
+from frameselect_jax.models.layers import Dense, RMSNorm, gelu_exact, normal_init, param, take_rows
 from frameselect_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from frameselect_jax.models.siglip import SiglipVisionConfig, SiglipVisionModel, adaptive_avg_pool
 
+SCORE_HEADS = ("query_mlp", "frame_query")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -29,6 +30,9 @@ class SelectorConfig:
   pool_grid: int = 3          # g: each frame becomes g*g visual tokens
   dtype: str = "float32"      # compute dtype; parameters are always float32
   remat: bool = False         # jax.checkpoint each transformer block
+  # "query_mlp": the paper's head (the query's hidden state -> MLP -> n logits);
+  # "frame_query": each frame's own hidden state scored against the query's.
+  score_head: str = "query_mlp"
 
   @property
   def tokens_per_frame(self):
@@ -49,6 +53,8 @@ class SelectorConfig:
       raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
     if self.llm.num_hidden_layers < 2:
       raise ValueError("the LLM needs at least 2 layers: scores are read after the penultimate one")
+    if self.score_head not in SCORE_HEADS:
+      raise ValueError(f"score_head {self.score_head!r} not in {SCORE_HEADS}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype {self.dtype!r} not in {sorted(DTYPES)}")
     return self
@@ -83,6 +89,22 @@ class ScoreHead(nnx.Module):
     return self.linear_2(gelu_exact(self.linear_1(self.norm(x)))).astype(jnp.float32)
 
 
+class FrameQueryHead(nnx.Module):
+  """Scores each frame's own hidden state against the query's (scaled dot product)."""
+
+  def __init__(self, features, *, eps, dtype, rngs):
+    self.norm = RMSNorm(features, eps=eps, dtype=dtype)
+    self.frame_proj = Dense(features, features, axes=("embed", "embed_out"), dtype=dtype, rngs=rngs)
+    self.query_proj = Dense(features, features, axes=("embed", "embed_out"), dtype=dtype, rngs=rngs)
+    self.bias = param(jnp.zeros(()), ())
+
+  def __call__(self, frames, query):
+    """frames (b, n, d): mean hidden state of each frame's tokens; query (b, d)."""
+    f = self.frame_proj(self.norm(frames)).astype(jnp.float32)
+    q = self.query_proj(self.norm(query)).astype(jnp.float32)
+    return jnp.einsum("bnd,bd->bn", f, q) / jnp.sqrt(f.shape[-1]) + self.bias[...]
+
+
 class Selector(nnx.Module):
 
   def __init__(self, cfg: SelectorConfig, *, rngs: nnx.Rngs):
@@ -92,8 +114,12 @@ class Selector(nnx.Module):
     self.projector = Projector(cfg.vision.hidden_size, cfg.llm.hidden_size, dtype=dtype, rngs=rngs)
     self.llm = Qwen2ForCausalLM(cfg.llm, dtype=dtype, remat=cfg.remat, rngs=rngs)
     self.score_query = param(normal_init(rngs, (cfg.llm.hidden_size,)), ("embed",))
-    self.score_head = ScoreHead(cfg.llm.hidden_size, cfg.num_candidates,
-                                eps=cfg.llm.rms_norm_eps, dtype=dtype, rngs=rngs)
+    if cfg.score_head == "query_mlp":
+      self.score_head = ScoreHead(cfg.llm.hidden_size, cfg.num_candidates,
+                                  eps=cfg.llm.rms_norm_eps, dtype=dtype, rngs=rngs)
+    else:
+      self.score_head = FrameQueryHead(cfg.llm.hidden_size, eps=cfg.llm.rms_norm_eps,
+                                       dtype=dtype, rngs=rngs)
 
   def encode_frames(self, frames):
     """frames (b, n, H, W, 3) normalised to [-1, 1] -> pooled tokens (b, n, g*g, vision width).
@@ -113,13 +139,14 @@ class Selector(nnx.Module):
                        f"{self.config.tokens_per_frame}, width), got {visual_tokens.shape}")
     return self.projector(visual_tokens).reshape(b, n * t, -1)
 
-  def score(self, visual_tokens, question_ids, question_mask, valid=None):
+  def score(self, visual_tokens, question_ids, question_mask, valid=None, attention=None):
     """Importance logits (b, n) of every candidate frame for each question.
 
     question_ids/question_mask (b, L) are right-padded (mask 1 on the question tokens, then
     0). valid (b, n) hides padding frames of short videos: their tokens are masked out of
     attention and their logits are -inf. Each example's scores do not depend on the
-    padding of others in the batch.
+    padding of others in the batch. `attention` is the LLM's causal attention kernel (None:
+    XLA's; see `models.attention`).
     """
     b, n = visual_tokens.shape[:2]
     valid = jnp.ones((b, n), bool) if valid is None else valid.astype(bool)
@@ -135,14 +162,22 @@ class Selector(nnx.Module):
     visual_keep = jnp.repeat(valid, self.config.tokens_per_frame, axis=1)
     text_keep = positions[None, num_visual:] <= query_pos[:, None]
     attention_mask = jnp.concatenate([visual_keep, text_keep], axis=1)
-    # Only the query's hidden state is read: the last block computes its row alone.
-    hidden, _ = self.llm.model(seq, attention_mask=attention_mask,
-                               num_layers=self.config.llm.num_hidden_layers - 1,
-                               output_rows=query_pos)
-    logits = self.score_head(hidden[:, 0])
+    num_layers = self.config.llm.num_hidden_layers - 1
+    if self.config.score_head == "query_mlp":
+      # Only the query's hidden state is read: the last block computes its row alone.
+      hidden, _ = self.llm.model(seq, attention_mask=attention_mask, num_layers=num_layers,
+                                 output_rows=query_pos, attention=attention)
+      logits = self.score_head(hidden[:, 0])
+    else:
+      hidden, _ = self.llm.model(seq, attention_mask=attention_mask, num_layers=num_layers,
+                                 attention=attention)
+      frames = hidden[:, :num_visual].reshape(b, n, self.config.tokens_per_frame, -1)
+      query = take_rows(hidden, query_pos)[:, 0]
+      logits = self.score_head(jnp.mean(frames.astype(jnp.float32), axis=2), query)
     return jnp.where(valid, logits, -jnp.inf)
 
-  def instruction_logits(self, visual_tokens, input_ids, attention_mask, valid=None):
+  def instruction_logits(self, visual_tokens, input_ids, attention_mask, valid=None,
+                         attention=None):
     """Stage-1 visual instruction following: next-token logits (b, L, vocab) over the text
     positions of [visual tokens | text], through every block and the language-model head."""
     b, n = visual_tokens.shape[:2]
@@ -151,7 +186,8 @@ class Selector(nnx.Module):
     text = self.llm.embed(input_ids).astype(visual.dtype)
     mask = jnp.concatenate([jnp.repeat(valid, self.config.tokens_per_frame, axis=1),
                             attention_mask.astype(bool)], axis=1)
-    hidden, _ = self.llm.model(jnp.concatenate([visual, text], axis=1), attention_mask=mask)
+    hidden, _ = self.llm.model(jnp.concatenate([visual, text], axis=1), attention_mask=mask,
+                               attention=attention)
     return self.llm.logits(hidden[:, visual.shape[1]:]).astype(jnp.float32)
 
   def __call__(self, frames, question_ids, question_mask, valid=None):

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from frameselect_jax.models.layers import (ACTIVATIONS, Dense, Embed, LayerNorm,
-                                           dot_product_attention, normal_init, param)
+from frameselect_jax.models.attention import dot_product_attention
+from frameselect_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, normal_init, param
 
 
 @dataclasses.dataclass(frozen=True)
