@@ -71,6 +71,7 @@ class Selection:
   scores:       float32[n] importance logits of all candidates (-inf on padding).
   valid:        bool[n] False on padding candidates of a short video.
   candidate_timestamps: float32[n] times of all candidates (-1 on padding).
+  candidate_frame_indices: int[n] source frame numbers of all candidates (-1 on padding).
   """
 
   video: str
@@ -85,6 +86,7 @@ class Selection:
   scores: np.ndarray
   valid: np.ndarray
   candidate_timestamps: np.ndarray
+  candidate_frame_indices: np.ndarray
   duration: float
 
   @property
@@ -239,8 +241,16 @@ class FrameSelector:
     params = nnx.State(restored)
     # Training kept the frozen backbone in model.frozen_dtype: use the same weights.
     cast = experiment.frozen_dtype(m.get("frozen_dtype", "float32"))
-    frozen = jax.tree.map(lambda x: x.astype(cast(x)), frozen)
-    model = nnx.merge(graphdef, params, frozen)
+    frozen = nnx.to_pure_dict(jax.tree.map(lambda x: x.astype(cast(x)), frozen))
+    # A backbone stage 1 trained from scratch, frozen in stage 2, travels in `inherited`.
+    inherited = ckpt.saved_tree(ckpt_dir, step, "inherited")
+    if inherited:
+      wanted = {k: frozen[k] for k in inherited if k in frozen}
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                              wanted)
+      restored_frozen, _ = ckpt.restore_params(ckpt_dir, abstract, step, item="inherited")
+      frozen = {**frozen, **restored_frozen}
+    model = nnx.merge(graphdef, params, nnx.State(frozen))
     return cls(model, _tokenizer(tokenizer or _config_tokenizer(config), m.llm_dir or None),
                description=f"checkpoint {ckpt_dir} step {step} (stage {config['stage']}, "
                            f"{source})",
@@ -342,7 +352,7 @@ class FrameSelector:
             n=n, indices=chosen, timestamps=entry.timestamps[chosen].astype(np.float64),
             frame_indices=entry.frame_indices[chosen], scores=scores[row],
             valid=entry.valid, candidate_timestamps=entry.timestamps,
-            duration=entry.duration)
+            candidate_frame_indices=entry.frame_indices, duration=entry.duration)
     return results
 
   def _check_n(self, n):
@@ -367,8 +377,9 @@ def _pair(item) -> tuple[str, str, tuple[str, ...]]:
 
 
 def _tokenizer(spec, llm_dir: str | None):
-  if spec == "byte":
-    return text.ByteTokenizer()
+  builtin = text.builtin_tokenizer(spec) if isinstance(spec, str) else None
+  if builtin is not None:
+    return builtin
   if spec is None or isinstance(spec, str):
     directory = spec or llm_dir
     if not directory:

@@ -1,10 +1,12 @@
 """Every orbax call of the project lives here (orbax's API churns; one place to follow it).
 
-A training checkpoint at step s holds four items:
+A training checkpoint at step s holds these items:
   params     the trainable parameters (a nested dict of arrays, fp32)
   opt_state  the optimizer state (trainables only)
   data       the grain iterator's position, one JSON file per process
   meta       {"step", "config", ...} as JSON
+  inherited  only when stage 2 freezes modules that stage 1 trained (a model trained from
+             scratch): those modules' weights, so that inference can rebuild the model
 Saves are asynchronous, every `save_every` steps (and whenever forced: end of run,
 preemption), keeping the last `keep`. Every process calls save and restore: each writes the
 shards it owns, and orbax's primary process finalises the directory, so a checkpoint is
@@ -21,14 +23,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-ITEMS = ("params", "opt_state", "data", "meta")
+ITEMS = ("params", "opt_state", "data", "meta", "inherited")
 
 
 def _handlers():
   return {"params": ocp.StandardCheckpointHandler(),
           "opt_state": ocp.StandardCheckpointHandler(),
           "data": grain.checkpoint.CheckpointHandler(),
-          "meta": ocp.JsonCheckpointHandler()}
+          "meta": ocp.JsonCheckpointHandler(),
+          "inherited": ocp.StandardCheckpointHandler()}
 
 
 class Checkpointer:
@@ -51,13 +54,15 @@ class Checkpointer:
     return self.manager.should_save(step)
 
   def save(self, step: int, *, params, opt_state, data_iterator, meta: dict,
-           force: bool = False) -> bool:
+           inherited: dict | None = None, force: bool = False) -> bool:
     """Starts an asynchronous save; returns False when the interval says not now."""
-    args = ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta))
+    items = dict(params=ocp.args.StandardSave(params),
+                 opt_state=ocp.args.StandardSave(opt_state),
+                 data=grain.checkpoint.CheckpointSave(data_iterator),
+                 meta=ocp.args.JsonSave(meta))
+    if inherited:
+      items["inherited"] = ocp.args.StandardSave(inherited)
+    args = ocp.args.Composite(**items)
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, step: int, *, abstract_params, abstract_opt_state, data_iterator):
@@ -109,8 +114,28 @@ def load_params_numpy(directory: str, step: int | None = None) -> dict:
   return params
 
 
-def restore_params(directory: str, abstract_params, step: int | None = None):
-  """Only the `params` item of a checkpoint (e.g. stage 1's trainables to start stage 2).
+def saved_tree(directory: str, step: int | None = None, item: str = "params"):
+  """The saved item's tree of array metadata (shapes, dtypes), None when the step lacks the
+  item; nothing is read but metadata."""
+  step = latest_step(directory) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found in {directory!r}")
+  path = os.path.join(os.path.abspath(directory), str(step), item)
+  if not os.path.isdir(path):
+    return None
+  # The handler's own metadata: the Checkpointer's would also look for step metadata, which
+  # an item folder does not have, and warn.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.metadata(pathlib.Path(path)).tree
+  finally:
+    handler.close()
+
+
+def restore_params(directory: str, abstract_params, step: int | None = None,
+                   item: str = "params"):
+  """Only the `params` item of a checkpoint (e.g. stage 1's trainables to start stage 2), or
+  another item of arrays (`inherited`).
 
   `abstract_params` may name a subset of what was saved: the rest is not read. A parameter
   that is missing or has another shape raises a ValueError naming it, before anything is
@@ -118,21 +143,16 @@ def restore_params(directory: str, abstract_params, step: int | None = None):
   Returns (params, step).
   """
   step = latest_step(directory) if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint found in {directory!r}")
-  path = os.path.join(os.path.abspath(directory), str(step), "params")
-  # The handler's own metadata: the Checkpointer's would also look for step metadata, which
-  # an item folder does not have, and warn.
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    saved = handler.metadata(pathlib.Path(path)).tree
-  finally:
-    handler.close()
+  saved = saved_tree(directory, step, item)
+  path = os.path.join(os.path.abspath(directory), str(step), item)
+  if saved is None:
+    raise FileNotFoundError(f"{path} does not exist")
   _check_saved_shapes(saved, abstract_params, path)
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   try:
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
-                                abstract_params)
+    # Arrays come back in the abstract tree's dtype (e.g. fp32 trainables as a bf16 backbone).
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding,
+                                                               dtype=x.dtype), abstract_params)
     params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=abstract_params, restore_args=restore_args, partial_restore=True))
   finally:

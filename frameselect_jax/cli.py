@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
   select.add_argument("--dtype", choices=("float32", "bfloat16"),
                       help="compute dtype (default: the checkpoint's; float32 otherwise)")
   select.add_argument("--backend", default="auto", choices=("auto", "decord", "pyav"),
-                      help="video decoder (default auto: decord, then PyAV)")
+                      help="video decoder (default auto: PyAV, then decord)")
   select.add_argument("--json", action="store_true",
                       help="print the selection-file record (one JSON line)")
   select.add_argument("--plot", metavar="PNG", help="write the score curve and thumbnails here")

@@ -52,12 +52,15 @@ def frozen_dtype(name: str):
 
 
 def trainable_filter(config):
+  """What the trainer trains (and checkpoints as `params`): the parameters of the top-level
+  modules train.trainable names, with their running statistics (the frame head's query
+  mean), and in stage 2 the LoRA adapters."""
   unknown = sorted(set(config.train.trainable) - set(TOP_LEVEL))
   if unknown:
     raise ValueError(f"train.trainable names unknown modules {unknown}; known: {TOP_LEVEL}")
   heads = tuple(config.train.trainable)
   is_head = lambda path, _: path[0] in heads
-  only_heads = nnx.All(nnx.Param, is_head)
+  only_heads = nnx.All(nnx.Any(nnx.Param, nnx.BatchStat), is_head)
   return nnx.Any(only_heads, nnx.LoRAParam) if config.stage == 2 else only_heads
 
 

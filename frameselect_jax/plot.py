@@ -13,42 +13,17 @@ THUMB_HEIGHT = 120  # pixels of the thumbnails read back from the video
 
 
 def load_thumbnails(path: str, frame_indices, height: int = THUMB_HEIGHT) -> list[np.ndarray]:
-  """The given source frames of a video, resized to `height` with their aspect ratio kept.
-
-  decord reads them at full resolution (PyAV decodes forward when decord cannot); returns
-  uint8 [height, width, 3] arrays in the order given.
-  """
+  """The given source frames of a video (`video.decode_frames`), resized to `height` with
+  their aspect ratio kept; uint8 [height, width, 3] arrays in the order given."""
   from PIL import Image
-  frame_indices = [int(i) for i in frame_indices]
-  frames = None
-  try:
-    import decord
-    reader = decord.VideoReader(path)
-    frames = list(reader.get_batch(frame_indices).asnumpy()) if frame_indices else []
-  except Exception:  # decord missing or refusing the file: decode forward with PyAV
-    frames = _pyav_frames(path, frame_indices)
+
+  from frameselect_jax import video
   out = []
-  for frame in frames:
+  for frame in video.decode_frames(path, [int(i) for i in frame_indices]):
     image = Image.fromarray(frame)
     width = max(1, round(image.width * height / image.height))
     out.append(np.asarray(image.resize((width, height), Image.BILINEAR)))
   return out
-
-
-def _pyav_frames(path, frame_indices):
-  import av
-  wanted = {index: None for index in frame_indices}
-  last = max(frame_indices, default=-1)
-  with av.open(path) as container:
-    for number, frame in enumerate(container.decode(video=0)):
-      if number in wanted:
-        wanted[number] = frame.to_ndarray(format="rgb24")
-      if number >= last:
-        break
-  missing = [i for i, f in wanted.items() if f is None]
-  if missing:
-    raise ValueError(f"{path}: could not read frames {missing} for thumbnails")
-  return [wanted[i] for i in frame_indices]
 
 
 def plot_selection(result, out_path: str, thumbnails=None, *, title: str | None = None,

@@ -5,6 +5,7 @@ Three strategies, all pure JAX, jit-able with a static k and vmap-able over a ba
   top_k       the k highest scores
   nms_greedy  the paper's greedy non-maximum suppression: take the best frame,
               suppress its temporal neighbours, repeat k times
+and `random_k`, k valid frames drawn at random from a PRNG key (a baseline),
 
 and the two measures of a selection against the candidates that matter (`relevant`):
   recall_at_k  the share of the relevant candidates chosen, out of as many as k picks can hold
@@ -129,6 +130,19 @@ def nms_greedy(scores, valid, k: int):
   # k is static and small: unrolling lets XLA fuse across picks (about 1.5x on CPU).
   _, picks = jax.lax.fori_loop(0, k, pick_one, (valid, jnp.full((k,), -1, jnp.int32)), unroll=True)
   return _sorted_with_fill(picks, picks >= 0, n)
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def random_k(valid, k: int, key):
+  """k valid candidates drawn uniformly without replacement (a jax PRNG key decides which).
+
+  Returns int32[k], ascending; all valid ones then -1 when fewer than k are valid. With
+  valid [B, n], one draw per row (keys split from `key`)."""
+  valid = jnp.asarray(valid).astype(bool)
+  if valid.ndim == 2:
+    keys = jax.random.split(key, valid.shape[0])
+    return jax.vmap(lambda v, kk: random_k(v, k, kk))(valid, keys)
+  return top_k(jax.random.uniform(key, valid.shape), valid, k)
 
 
 _STRATEGY_FNS = {"uniform": uniform, "top_k": top_k, "nms_greedy": nms_greedy}

@@ -1,11 +1,14 @@
-"""Question text -> right-padded token ids for the selector.
+"""Prompts, and question text -> right-padded token ids for the selector.
 
 Real runs use the Qwen2.5 tokenizer from a local directory (`hf.load_tokenizer`). Tiny
-random presets, which have no tokenizer on disk, use `ByteTokenizer` (UTF-8 bytes), so
-demos and tests run anywhere without downloads.
+random presets, which have no tokenizer on disk, use a built-in one (BUILTIN_TOKENIZERS):
+`ByteTokenizer` (UTF-8 bytes) or `WordHashTokenizer` (whole words, as a pretrained
+tokenizer's vocabulary would give), so demos and tests run anywhere without downloads.
 """
 from __future__ import annotations
 
+import re
+import zlib
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -27,6 +30,35 @@ class ByteTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class WordHashTokenizer:
+  """Words and punctuation marks as tokens, each hashed (crc32) to an id in
+  [2, vocab_size); 0 is pad, 1 is eos. Needs no vocabulary file and takes any text; two
+  pieces may share an id (rarely, at a large vocab_size). Not invertible: no `decode`."""
+
+  pad_token_id = 0
+  eos_token_id = 1
+  PIECES = re.compile(r"\w+|[^\w\s]")
+
+  def __init__(self, vocab_size: int = 1024):
+    if vocab_size < 3:
+      raise ValueError(f"vocab_size must be >= 3, got {vocab_size}")
+    self.vocab_size = vocab_size
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    return [2 + zlib.crc32(piece.encode("utf-8")) % (self.vocab_size - 2)
+            for piece in self.PIECES.findall(text)]
+
+
+# Tokenizers a config or the API can name instead of a tokenizer directory.
+BUILTIN_TOKENIZERS = {"byte": ByteTokenizer, "words": WordHashTokenizer}
+
+
+def builtin_tokenizer(name: str):
+  """The built-in tokenizer of that name, or None when `name` is not one (a directory)."""
+  make = BUILTIN_TOKENIZERS.get(name)
+  return make() if make else None
 
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"

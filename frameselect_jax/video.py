@@ -2,9 +2,10 @@
 
 The selector sees `n` candidate frames (128 in the paper) spread uniformly over
 the whole video. `decode_candidates` seeks to those frames only, resized during
-decoding, so a long video never sits decoded in memory: decord does the work,
-PyAV is the fallback (a platform without decord wheels, or a file decord cannot
-open).
+decoding, so a long video never sits decoded in memory. PyAV does the work by
+default (the faster of the two on our benchmark, for the same frames); decord
+is the other backend, and "auto" falls back to it when PyAV cannot open a file.
+`decode_frames` reads any given source frames (thumbnails, other tools).
 
 Padding convention (shared with `selection.py`): every array has length n;
 where `valid` is False the frame is zeros, `frame_indices` is -1 and
@@ -25,9 +26,10 @@ from frameselect_jax import errors
 BACKENDS = ("auto", "decord", "pyav")
 
 # What "auto" tries, in order; the next is used when one is missing or refuses
-# the file. (On a 10-min 720p H.264 file the PyAV path measured about 3x faster
-# than decord and held less memory: benchmarks/bench_decode.py.)
-AUTO_ORDER = ("decord", "pyav")
+# the file. PyAV first: on the 10-minute 720p H.264 benchmark video it returns the
+# same frames about twice as fast as decord (1.3 s against 2.6 s on 2 cores) and
+# holds less memory (benchmarks/bench_decode.py, benchmarks/results_select.md).
+AUTO_ORDER = ("pyav", "decord")
 
 # decord returns candidates in chunks of this many, copied into one preallocated
 # array, so the transient copy is a few frames rather than all n.
@@ -115,8 +117,8 @@ def decode_candidates(
     n: number of candidates.
     size: output frames are size x size (aspect ratio is not kept, as in
       SigLIP's preprocessing).
-    backend: "decord", "pyav", or "auto" (decord; PyAV when decord is missing
-      or cannot open the file).
+    backend: "decord", "pyav", or "auto" (PyAV; decord when PyAV cannot open
+      the file).
     allow_partial: if some candidates fail to decode (a truncated or corrupt
       stream), mark them invalid and warn instead of raising.
 
@@ -126,29 +128,62 @@ def decode_candidates(
       cause and the failed candidates.
   """
   path = os.fspath(path)
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if n < 1 or size < 1:
     raise ValueError(f"n and size must be >= 1, got n={n}, size={size}")
+  result = _decode(path, lambda total: candidate_frame_indices(total, n), size, n, backend)
+  return _finish(path, n, size, result, allow_partial)
+
+
+def decode_frames(path, frame_indices, size: int | None = None, backend: str = "auto") -> np.ndarray:
+  """The given source frames of a video, uint8 [len(frame_indices), H, W, 3], in the order
+  given (repeats allowed). size None keeps the video's resolution; an int squashes each
+  frame to size x size, as `decode_candidates` does.
+
+  Raises VideoError naming the file for a missing or unreadable file, an index outside the
+  video, or a frame that fails to decode.
+  """
+  path = os.fspath(path)
+  wanted = np.asarray(frame_indices, np.int64).reshape(-1)
+  if size is not None and size < 1:
+    raise ValueError(f"size must be >= 1, got {size}")
+  unique = np.unique(wanted)
+
+  def pick(total):
+    outside = unique[(unique < 0) | (unique >= total)]
+    if len(outside):
+      raise VideoError(f"{path}: frames {outside.tolist()} are outside its {total} frames")
+    return unique
+
+  if len(unique) == 0:
+    return np.zeros((0, size or 0, size or 0, 3), np.uint8)
+  result = _decode(path, pick, size, len(unique), backend)
+  if result.failed:
+    listing = "; ".join(f"frame {result.frame_indices[i]}: {why}" for i, why in result.failed.items())
+    raise VideoError(f"{path}: {len(result.failed)} of {len(unique)} frames failed to decode "
+                     f"({listing})")
+  got = np.asarray(result.frame_indices)
+  if not np.array_equal(got, unique):
+    raise VideoError(f"{path}: asked for frames {unique.tolist()}, the stream gave {got.tolist()}")
+  return result.frames[np.searchsorted(unique, wanted)]
+
+
+def _decode(path, pick, size, capacity, backend) -> "_Decoded":
+  """Runs a backend ("auto": each of AUTO_ORDER until one opens the file)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if not os.path.exists(path):
     raise VideoError(f"{path}: no such file")
   if not os.path.isfile(path):
     raise VideoError(f"{path}: not a regular file")
   if os.path.getsize(path) == 0:
     raise VideoError(f"{path}: empty file")
-
-  # "auto": decord first; PyAV when decord is missing or refuses the file (PyAV
-  # often reads it, or at least explains why not).
   open_errors = []
   for name in AUTO_ORDER if backend == "auto" else (backend,):
     try:
-      result = _DECODERS[name](path, n, size)
-      break
+      return _DECODERS[name](path, pick, size, capacity)
     except _OpenError as error:
       open_errors.append(f"{name}: {error}")
-  else:
-    raise VideoError(f"{path}: cannot decode it as a video ({'; '.join(open_errors)})")
-  return _finish(path, n, size, result, allow_partial)
+  raise VideoError(f"{path}: cannot decode it as a video ({'; '.join(open_errors)})")
 
 
 class _OpenError(Exception):
@@ -156,9 +191,9 @@ class _OpenError(Exception):
 
 
 class _Decoded(NamedTuple):
-  """What a backend returns: the m <= n candidates it tried, and which failed."""
+  """What a backend returns: the m <= capacity frames it tried, and which failed."""
 
-  frames: np.ndarray  # uint8 [n, size, size, 3]: the m tried first, zeros after
+  frames: np.ndarray  # uint8 [capacity, H, W, 3]: the m tried first, zeros after
   timestamps: np.ndarray  # float [m]
   frame_indices: np.ndarray  # int [m]
   failed: dict  # position in the m candidates -> reason
@@ -213,8 +248,8 @@ def _finish(path, n, size, decoded: _Decoded, allow_partial) -> Candidates:
   return Candidates(frames, timestamps, valid, frame_indices, path, float(decoded.duration))
 
 
-def _decode_decord(path, n, size) -> _Decoded:
-  """decord: resizes inside the decoder; get_batch seeks to each candidate frame."""
+def _decode_decord(path, pick, size, capacity) -> _Decoded:
+  """decord: resizes inside the decoder; get_batch seeks to each frame `pick(total)` names."""
   try:
     import decord
   except ImportError as error:
@@ -222,7 +257,7 @@ def _decode_decord(path, n, size) -> _Decoded:
   try:
     # One decoding thread: each seek flushes a frame-threaded pipeline (measured on the
     # 10-minute 720p benchmark video with 2 cores: 2.9 s against 3.6 s with decord's default).
-    reader = decord.VideoReader(path, width=size, height=size, num_threads=1)
+    reader = decord.VideoReader(path, width=size or -1, height=size or -1, num_threads=1)
   except Exception as error:  # decord raises RuntimeError or its DECORDError
     raise _OpenError(
       f"cannot open it: not a video, or truncated/corrupt? ({errors.one_line(error)})"
@@ -230,12 +265,13 @@ def _decode_decord(path, n, size) -> _Decoded:
   total = len(reader)
   if total == 0:
     raise _OpenError("reports zero frames")  # "auto" then asks PyAV for a second opinion
-  indices = candidate_frame_indices(total, n)
+  indices = pick(total)
   times = reader.get_frame_timestamp(indices.tolist())[:, 0].astype(np.float64)
   duration = float(reader.get_frame_timestamp(total - 1)[1])
-  expected_shape = (len(indices), size, size, 3)
+  height, width = (size, size) if size else reader[0].shape[:2]
+  expected_shape = (len(indices), height, width, 3)
   failed = {}
-  frames = np.zeros((n, size, size, 3), np.uint8)
+  frames = np.zeros((capacity, height, width, 3), np.uint8)
   try:
     for start in range(0, len(indices), DECORD_CHUNK):
       chunk = reader.get_batch(indices[start : start + DECORD_CHUNK].tolist()).asnumpy()
@@ -263,8 +299,8 @@ def _decode_decord(path, n, size) -> _Decoded:
   return _Decoded(frames, times, indices, failed, duration, "decord")
 
 
-def _decode_pyav(path, n, size) -> _Decoded:
-  """PyAV: seek to the keyframe before each candidate, decode forward to it."""
+def _decode_pyav(path, pick, size, capacity) -> _Decoded:
+  """PyAV: seek to the keyframe before each frame `pick(total)` names, decode forward to it."""
   import av
 
   try:
@@ -287,9 +323,10 @@ def _decode_pyav(path, n, size) -> _Decoded:
     start_s = (stream.start_time or 0) * time_base
     total, keyframes = _frame_count_and_keyframes(container, stream, fps, start_s)
     duration = total / fps
-    indices = candidate_frame_indices(total, n)
-
-    frames = np.zeros((n, size, size, 3), np.uint8)
+    indices = pick(total)
+    height, width = (size, size) if size else (stream.codec_context.height,
+                                               stream.codec_context.width)
+    frames = np.zeros((capacity, height, width, 3), np.uint8)
     times = indices / fps  # replaced by each decoded frame's own time
     got_indices = indices.copy()
     failed = {}
@@ -323,7 +360,7 @@ def _decode_pyav(path, n, size) -> _Decoded:
         failed[position] = errors.one_line(error)
         decoded_iter = None  # the decoder state is suspect: seek afresh
         continue
-      frames[position] = frame.to_ndarray(width=size, height=size, format="rgb24")
+      frames[position] = frame.to_ndarray(width=width, height=height, format="rgb24")
       times[position] = frame.time - start_s
       got_indices[position] = last_taken = index
   return _Decoded(frames, times, got_indices, failed, duration, "pyav")

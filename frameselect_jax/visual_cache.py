@@ -25,6 +25,17 @@ def fingerprint(**parts) -> str:
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def arrays_fingerprint(tree) -> str:
+  """A short hash of every array in a pytree (shapes, dtypes and bytes)."""
+  import jax
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:16]
+
+
 def directory_identity(directory: str) -> list:
   """(name, size, modification time) of each file in a checkpoint directory: cheap to compute
   for many GB of weights, and it changes when any file is replaced or rewritten."""

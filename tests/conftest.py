@@ -84,3 +84,8 @@ def siglip_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("siglip"))
   save_random_siglip(path)
   return path
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: an end-to-end run of a minute or more (still part of `make test`)")

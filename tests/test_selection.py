@@ -211,3 +211,34 @@ def test_shape_errors():
     selection.select_batch("best", np.zeros((2, 8)), np.ones((2, 8), bool), 2)
   with pytest.raises(ValueError, match="larger than the number of candidates"):
     selection.nms_greedy_reference(np.zeros(3), np.ones(3, bool), 4)
+
+
+def test_recall_and_hit_on_hand_worked_cases():
+  relevant = np.zeros((4, 10), bool)
+  relevant[0, [2, 3]] = True      # two relevant, both chosen
+  relevant[1, [2, 3, 7]] = True   # three relevant, k=2 picks can hold two; one chosen
+  relevant[2, [9]] = True         # one relevant, missed
+  chosen = np.array([[2, 3], [3, 5], [0, 1], [4, -1]], np.int32)
+  recall = np.asarray(selection.recall_at_k(chosen, relevant))
+  hit = np.asarray(selection.hit_at_k(chosen, relevant))
+  np.testing.assert_allclose(recall[:3], [1.0, 0.5, 0.0])
+  np.testing.assert_allclose(hit[:3], [1.0, 1.0, 0.0])
+  # No relevant candidate: NaN (left out of averages), never a miss; the -1 fill never hits.
+  assert np.isnan(recall[3]) and np.isnan(hit[3])
+  assert list(np.asarray(selection.has_relevant(relevant))) == [True, True, True, False]
+  relevant[3, 0] = True  # index 0 must not match the -1 fill (clipped to 0 for the lookup)
+  assert float(selection.hit_at_k(chosen, relevant)[3]) == 0.0
+
+
+def test_random_k_is_seeded_sorted_unique_and_valid():
+  valid = np.ones((3, 20), bool)
+  valid[1, 12:] = False
+  valid[2, 3:] = False
+  a = np.asarray(selection.random_k(valid, 5, jax.random.key(0)))
+  b = np.asarray(selection.random_k(valid, 5, jax.random.key(0)))
+  c = np.asarray(selection.random_k(valid, 5, jax.random.key(1)))
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  for row, v in zip(a, valid):
+    check_well_formed(row, v, 5)
+  assert list(a[2]) == [0, 1, 2, -1, -1]

@@ -95,6 +95,16 @@ def instruction_sums(model, batch, attention=None):
   return jnp.sum(ce * mask), jnp.sum(mask)
 
 
+def with_values(tree: dict, values: dict) -> dict:
+  """`tree` (nested dicts) with the leaves that `values` names replaced; values for keys
+  `tree` lacks (statistics of frozen modules, which do not change) are left out."""
+  out = dict(tree)
+  for key, value in values.items():
+    if key in tree:
+      out[key] = with_values(tree[key], value) if isinstance(value, dict) else value
+  return out
+
+
 def loss_count(task, batch):
   """The loss normaliser of a whole (global) batch; it does not depend on the parameters."""
   if task == "importance":
@@ -116,18 +126,19 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
 
   def micro_loss(params, frozen, micro, count):
     model = merge_model(graphdef, params, frozen, vision_abstract)
+    model.train()  # batch statistics (the frame head's query mean) instead of running ones
     if task == "importance":
       total, _, _ = importance_sums(model, micro, attention)
     else:
       total, _ = instruction_sums(model, micro, attention)
-    return total / count
+    return total / count, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
-  grad_fn = jax.value_and_grad(micro_loss)
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(params, frozen, opt_state, batch):
     count = jnp.maximum(loss_count(task, batch), 1.0)
     if accum_steps == 1:
-      loss, grads = grad_fn(params, frozen, batch, count)
+      (loss, stats), grads = grad_fn(params, frozen, batch, count)
     else:
       def split(x):
         # Row r = m * accum + a: micro-batch a takes every accum-th row, so each device
@@ -140,14 +151,17 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
 
       def body(carry, micro):
         loss_sum, grad_sum = carry
-        loss, grads = grad_fn(params, frozen, micro, count)
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+        (loss, stats), grads = grad_fn(params, frozen, micro, count)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), stats
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro_batches)
+      (loss, grads), stats = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                          micro_batches)
+      stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)  # over the micro-batches
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    # Running statistics get no gradient (so no optimizer update): their new values are set.
+    params = with_values(optax.apply_updates(params, updates), stats)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     metrics = {"loss": loss, "grad_norm": grad_norm, "params_finite": finite}
     return params, opt_state, metrics

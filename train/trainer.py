@@ -33,7 +33,7 @@ from frameselect_jax import synthetic
 from frameselect_jax import video
 from frameselect_jax import visual_cache
 from frameselect_jax.models import attention as attention_lib
-from frameselect_jax.text import ByteTokenizer
+from frameselect_jax import text
 from train import modeling
 from train import step as step_lib
 from train.metrics import MetricWriter
@@ -110,7 +110,8 @@ def check_config(config, runtime: bool = True):
                         f"{video.BACKENDS}")
   if not config.data.tokenizer and not config.model.llm_dir:
     raise ConfigError("data.tokenizer is empty and there is no model.llm_dir to take the "
-                      "tokenizer from; use 'byte' for tiny presets or a tokenizer directory")
+                      "tokenizer from; use a built-in one for tiny presets "
+                      f"({sorted(text.BUILTIN_TOKENIZERS)}) or a tokenizer directory")
   if config.stage == 2:
     if not config.train.init_from:
       raise ConfigError("stage 2 starts from a stage-1 checkpoint: set train.init_from")
@@ -158,8 +159,8 @@ def setup_distributed(config):
 
 def load_tokenizer(config):
   name = config.data.tokenizer or config.model.llm_dir
-  if name == "byte":
-    tok = ByteTokenizer()
+  tok = text.builtin_tokenizer(name)
+  if tok is not None:
     return tok, tok.eos_token_id
   tok = hf.load_tokenizer(name)
   if tok.eos_token_id is None:
@@ -260,6 +261,30 @@ def validation_batches(source, transform, spec, cached, global_batch, process_in
   return steps, dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
 
 
+# --- Stage 2 starts from stage 1 ---
+
+def start_from_stage1(config, params, frozen, param_shardings, frozen_shardings):
+  """Reads every top-level module stage 1 trained from train.init_from: into the trainables
+  when stage 2 trains it too, into the frozen weights otherwise. Those (a backbone trained
+  from scratch in stage 1) are returned as `inherited` too, for stage 2's checkpoints to
+  carry: inference rebuilds the model from one checkpoint. Returns (params, frozen,
+  inherited)."""
+  saved = ckpt.saved_tree(config.train.init_from) or {}
+  trained = [k for k in config.train.trainable if k in saved]
+  kept_frozen = [k for k in saved if k not in config.train.trainable and k in frozen]
+  stage1 = {k: params[k] for k in trained}
+  abstract = modeling.abstract_of(stage1, {k: param_shardings[k] for k in trained})
+  restored, step = ckpt.restore_params(config.train.init_from, abstract)
+  inherited = {}
+  if kept_frozen:
+    old = {k: frozen[k] for k in kept_frozen}
+    abstract = modeling.abstract_of(old, {k: frozen_shardings[k] for k in kept_frozen})
+    inherited, _ = ckpt.restore_params(config.train.init_from, abstract, step)
+  logging.info("stage 2: %s (trained) and %s (frozen) from %s step %d", sorted(restored),
+               sorted(inherited), config.train.init_from, step)
+  return {**params, **restored}, {**frozen, **inherited}, inherited
+
+
 # --- Visual-token cache ---
 
 def fill_visual_cache(config, selector_cfg, graphdef, params, frozen, train_indices, sources,
@@ -303,7 +328,7 @@ def fill_visual_cache(config, selector_cfg, graphdef, params, frozen, train_indi
   return cache, computed
 
 
-def cache_directory(config, selector_cfg, workdir):
+def cache_directory(config, selector_cfg, workdir, inherited_tower=None):
   if config.data.cache_dir:
     base = config.data.cache_dir
   else:
@@ -313,6 +338,9 @@ def cache_directory(config, selector_cfg, workdir):
       frozen_dtype=config.model.frozen_dtype, vision_dir=config.model.vision_dir,
       vision_files=visual_cache.directory_identity(config.model.vision_dir),
       seed=None if config.model.vision_dir else config.seed,
+      # A tower that stage 1 trained: its weights decide the tokens.
+      trained_tower=None if inherited_tower is None else visual_cache.arrays_fingerprint(
+          inherited_tower),
       data=[config.data.source, config.data.train_path, config.data.eval_path,
             config.data.tfds_name, config.data.synthetic_seed,
             config.data.synthetic_train_videos, config.data.synthetic_eval_videos,
@@ -355,13 +383,10 @@ def run(config, workdir: str | None = None) -> dict:
 
   # Model and optimizer: trainables in fp32 with optimizer state; the rest frozen.
   graphdef, params, frozen, param_shardings, frozen_shardings = modeling.prepare(config, mesh, rules)
+  inherited = {}
   if config.stage == 2:
-    stage1 = {k: params[k] for k in config.train.trainable if k in params}
-    abstract = modeling.abstract_of(stage1, {k: param_shardings[k] for k in stage1})
-    restored, stage1_step = ckpt.restore_params(config.train.init_from, abstract)
-    params = {**params, **restored}
-    logging.info("stage 2: %s from %s step %d", sorted(restored), config.train.init_from,
-                 stage1_step)
+    params, frozen, inherited = start_from_stage1(config, params, frozen, param_shardings,
+                                                  frozen_shardings)
   tx, schedule = step_lib.make_optimizer(config.train, total_steps)
   opt_shardings = step_lib.opt_state_shardings(tx, params, param_shardings, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
@@ -374,7 +399,7 @@ def run(config, workdir: str | None = None) -> dict:
     index_batches = batching(grain.MapDataset.range(len(train_source)))
     train_indices = [int(i) for s in range(min(total_steps, len(index_batches)))
                      for i in index_batches[s]]
-    cache_dir = cache_directory(config, selector_cfg, workdir)
+    cache_dir = cache_directory(config, selector_cfg, workdir, inherited.get("vision_tower"))
     cache, computed = fill_visual_cache(config, selector_cfg, graphdef, params, frozen,
                                         train_indices, (train_source, eval_source), cache_dir, spec)
     logging.info("visual-token cache %s: %d videos encoded", cache_dir, computed)
@@ -501,7 +526,7 @@ def run(config, workdir: str | None = None) -> dict:
   def save(step, force=False):
     drain()  # never checkpoint a state whose loss was not checked
     checkpointer.save(step, params=params, opt_state=opt_state, data_iterator=data_iterator,
-                      meta={**meta, "step": step}, force=force)
+                      meta={**meta, "step": step}, inherited=inherited, force=force)
 
   progress = tqdm(total=total_steps, initial=start_step, desc=f"stage {config.stage}",
                   disable=not (is_chief and config.log.progress), dynamic_ncols=True)

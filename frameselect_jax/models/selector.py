@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from frameselect_jax.models.layers import Dense, RMSNorm, gelu_exact, normal_init, param, take_rows
+from frameselect_jax.models.layers import Dense, RMSNorm, gelu_exact, normal_init, param
 from frameselect_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from frameselect_jax.models.siglip import SiglipVisionConfig, SiglipVisionModel, adaptive_avg_pool
 
@@ -31,7 +31,8 @@ class SelectorConfig:
   dtype: str = "float32"      # compute dtype; parameters are always float32
   remat: bool = False         # jax.checkpoint each transformer block
   # "query_mlp": the paper's head (the query's hidden state -> MLP -> n logits);
-  # "frame_query": each frame's own hidden state scored against the query's.
+  # "frame_query": each frame's own hidden state scored against the query's, which reads
+  # the question alone (see Selector.score).
   score_head: str = "query_mlp"
 
   @property
@@ -89,20 +90,52 @@ class ScoreHead(nnx.Module):
     return self.linear_2(gelu_exact(self.linear_1(self.norm(x)))).astype(jnp.float32)
 
 
-class FrameQueryHead(nnx.Module):
-  """Scores each frame's own hidden state against the query's (scaled dot product)."""
+def _rms_normalize(x, eps):
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
 
-  def __init__(self, features, *, eps, dtype, rngs):
-    self.norm = RMSNorm(features, eps=eps, dtype=dtype)
+
+class FrameQueryHead(nnx.Module):
+  """Scores each frame's own hidden state against the query's: a scaled dot product of
+  their projections, plus what the frame alone says (a linear term: how likely any frame
+  like it is to matter), plus a bias.
+
+  The query is centred first: its mean over the training questions is subtracted (the
+  batch mean while training, a running mean of it at inference, as batch normalisation
+  does), then RMS-normalised. Why: the query's state is mostly what every question shares
+  (the score query itself, the prompt's template words); the part that tells questions
+  apart can be a few percent of it. Left in, that shared part dominates the gradient of
+  the query projection and the head learns to score frames without reading the question
+  (measured: benchmarks/results_learning.md). Centred, the question's own content is all
+  the projection sees.
+  """
+
+  def __init__(self, features, *, eps, dtype, rngs, momentum: float = 0.99):
+    self.eps, self.momentum = eps, momentum
+    self.frame_norm = RMSNorm(features, eps=eps, dtype=dtype)
+    self.query_norm = RMSNorm(features, eps=eps, dtype=dtype)
     self.frame_proj = Dense(features, features, axes=("embed", "embed_out"), dtype=dtype, rngs=rngs)
     self.query_proj = Dense(features, features, axes=("embed", "embed_out"), dtype=dtype, rngs=rngs)
+    self.frame_prior = param(normal_init(rngs, (features,)), ("embed",))
     self.bias = param(jnp.zeros(()), ())
+    self.query_mean = param(jnp.zeros((features,)), ("embed",), kind=nnx.BatchStat)
+    # nnx's Module.train() / .eval() switch this: batch statistics while training.
+    self.use_running_average = True
 
   def __call__(self, frames, query):
     """frames (b, n, d): mean hidden state of each frame's tokens; query (b, d)."""
-    f = self.frame_proj(self.norm(frames)).astype(jnp.float32)
-    q = self.query_proj(self.norm(query)).astype(jnp.float32)
-    return jnp.einsum("bnd,bd->bn", f, q) / jnp.sqrt(f.shape[-1]) + self.bias[...]
+    q = _rms_normalize(query, self.eps)
+    if self.use_running_average:
+      mean = self.query_mean[...]
+    else:
+      mean = jnp.mean(q, axis=0)
+      self.query_mean[...] = (self.momentum * self.query_mean[...]
+                              + (1 - self.momentum) * jax.lax.stop_gradient(mean))
+    q = self.query_proj(self.query_norm(q - mean)).astype(jnp.float32)
+    frames = self.frame_norm(frames)
+    f = self.frame_proj(frames).astype(jnp.float32)
+    prior = frames.astype(jnp.float32) @ self.frame_prior[...]
+    return jnp.einsum("bnd,bd->bn", f, q) / jnp.sqrt(f.shape[-1]) + prior + self.bias[...]
 
 
 class Selector(nnx.Module):
@@ -169,11 +202,19 @@ class Selector(nnx.Module):
                                  output_rows=query_pos, attention=attention)
       logits = self.score_head(hidden[:, 0])
     else:
-      hidden, _ = self.llm.model(seq, attention_mask=attention_mask, num_layers=num_layers,
+      # The frames' states come from the visual tokens alone (causal: they never see the
+      # text), the query's from the question alone: the query row does not attend to the
+      # visual tokens. So the two are separate passes over the same positions as one
+      # sequence would have, and the visual one does not depend on the question.
+      frames, _ = self.llm.model(visual, attention_mask=visual_keep, num_layers=num_layers,
                                  attention=attention)
-      frames = hidden[:, :num_visual].reshape(b, n, self.config.tokens_per_frame, -1)
-      query = take_rows(hidden, query_pos)[:, 0]
-      logits = self.score_head(jnp.mean(frames.astype(jnp.float32), axis=2), query)
+      text = seq[:, num_visual:]
+      text_positions = jnp.broadcast_to(positions[num_visual:], (b, text.shape[1]))
+      query, _ = self.llm.model(text, attention_mask=text_keep, position_ids=text_positions,
+                                num_layers=num_layers, output_rows=query_pos - num_visual,
+                                attention=attention)
+      frames = frames.reshape(b, n, self.config.tokens_per_frame, -1)
+      logits = self.score_head(jnp.mean(frames.astype(jnp.float32), axis=2), query[:, 0])
     return jnp.where(valid, logits, -jnp.inf)
 
   def instruction_logits(self, visual_tokens, input_ids, attention_mask, valid=None,

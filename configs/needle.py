@@ -1,0 +1,58 @@
+"""The selector learning from scratch on the generated needle benchmark, on a CPU.
+
+  python -m train --config=configs/needle.py:stage=1
+  python -m train --config=configs/needle.py:stage=2      # LoRA, from stage 1's checkpoint
+  python -m train --config=configs/needle.py:stage=1,head=query_mlp   # the paper's head
+
+What it trains, and why. No pretrained weights exist on this machine, so stage 1 trains what
+a pretrained backbone would otherwise bring: the whole model (the tiny SigLIP tower and the
+tiny LLM as well as the projector, score query and score head), on importance prediction
+alone (the needle benchmark has no instruction data to align with). Stage 2 is the paper's:
+the backbone that stage 1 trained is frozen, LoRA adapters are added to the LLM, and the
+adapters, projector, score query and score head train on importance prediction; the frozen
+tower's pooled tokens are cached. The tokenizer is the built-in word tokenizer (whole words
+as tokens, what a pretrained tokenizer gives), and the score head is `frame_query`: the
+paper's `query_mlp` head stays at chance when trained from scratch here
+(benchmarks/results_learning.md measures both).
+
+The videos are real mp4 files (frameselect_jax/synthetic.py) decoded through
+frameselect_jax/video.py: 256 training and 64 held-out videos, 16 s at 8 fps, three needles
+(cards of a named colour, shown 0.5 s: one of the 32 candidates) and two distractor cards
+each, one question per needle.
+"""
+from configs import common
+
+EVERYTHING = ("vision_tower", "projector", "llm", "score_query", "score_head")
+HEADS = ("projector", "score_query", "score_head")
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, stage=1, head="frame_query")
+  c = common.base(stage=args.stage, tiny=True, name=f"needle-stage{args.stage}")
+  c.model.num_candidates = 32
+  c.model.score_head = args.head
+  c.model.dtype = "float32"          # CPU: bfloat16 is emulated, slower than float32
+  c.model.frozen_dtype = "float32"
+  c.data.source = "needle"
+  c.data.needle = common.needle_settings()
+  c.data.tokenizer = "words"
+  c.data.global_batch_size = 8 if args.stage == 1 else 16
+  c.data.max_question_length = 48
+  c.data.max_instruction_length = 64
+  c.train.task_ratio = "0:1"
+  c.train.schedule = "cosine"
+  c.train.warmup_fraction = 0.05
+  if args.stage == 1:
+    c.train.trainable = EVERYTHING
+    c.data.cache_visual_tokens = False   # the tower trains
+    c.train.lr = 7e-4
+    c.train.num_steps = 1600
+  else:
+    c.train.trainable = HEADS
+    c.train.lr = 5e-4
+    c.train.num_steps = 600
+    c.train.init_from = "workdirs/needle-stage1/checkpoints"
+  c.validation.ks = (2, 4, 8)
+  c.validation.every_steps = 200
+  c.checkpoint.every_steps = 400
+  return c
