@@ -8,6 +8,7 @@ utilisation as a table (see train/aot.py for what each number is). Target: fits,
 The memory bound uses the HBM traffic counted from the compiled program's buffer placement;
 the compiler's "bytes accessed", which also counts on-chip VMEM operands, is printed beside it.
 """
+
 import argparse
 import json
 import os
@@ -23,30 +24,42 @@ MESH = {"v5e:16x16": dict(data=-1, fsdp=1, tensor=2)}
 
 
 def print_table(rows):
-  gib = 1024 ** 3
-  print("| topology | chips | mesh (data, fsdp, tensor) | attention | memory per chip (args + temps) | HBM | fits "
-        "| model FLOPs / step | hardware FLOPs / step | HBM traffic per chip (compiler's bytes accessed) "
-        "| compute / memory / ICI bound (ms) "
-        "| estimated step (ms) | implied MFU |")
+  gib = 1024**3
+  print(
+    "| topology | chips | mesh (data, fsdp, tensor) | attention "
+    "| memory per chip (args + temps) | HBM | fits "
+    "| model FLOPs / step | hardware FLOPs / step "
+    "| HBM traffic per chip (compiler's bytes accessed) "
+    "| compute / memory / ICI bound (ms) "
+    "| estimated step (ms) | implied MFU |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     t = r["tasks"]["importance"]
     mesh = r["mesh"]
-    first = (f"| {r['topology']} | {r['chips']} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) "
-             f"| {r['attention']} ")
+    first = (
+      f"| {r['topology']} | {r['chips']} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) "
+      f"| {r['attention']} "
+    )
     if "compile_error" in t:  # the compiler refused it: its message has the numbers
-      print(first + f"| {t['compile_error']} | {t['hbm_bytes'] / gib:.2f} GiB | NO |  |  |  |  |  |  |")
+      print(
+        first + f"| {t['compile_error']} | {t['hbm_bytes'] / gib:.2f} GiB | NO |  |  |  |  |  |  |"
+      )
       continue
-    traffic = ("n/a" if t["hbm_traffic_per_device"] is None
-               else f"{t['hbm_traffic_per_device'] / 1e9:.2f} GB")
-    print(first +
-          f"| {t['total_bytes'] / gib:.2f} GiB ({t['argument_bytes'] / gib:.2f} + "
-          f"{t['temp_bytes'] / gib:.2f}) | {t['hbm_bytes'] / gib:.2f} GiB | "
-          f"{'yes' if t['fits'] else 'NO'} | {t['model_flops']:.3e} | {t['hardware_flops']:.3e} | "
-          f"{traffic} ({t['compiler_bytes_accessed_per_device'] / 1e9:.1f} GB) | "
-          f"{t['compute_bound_s'] * 1e3:.0f} / {t['memory_bound_s'] * 1e3:.0f} / "
-          f"{t['ici_bound_s'] * 1e3:.0f} | {t['estimated_step_s'] * 1e3:.0f} | "
-          f"{100 * t['implied_mfu']:.1f}% |")
+    traffic = (
+      "n/a"
+      if t["hbm_traffic_per_device"] is None
+      else f"{t['hbm_traffic_per_device'] / 1e9:.2f} GB"
+    )
+    print(
+      first + f"| {t['total_bytes'] / gib:.2f} GiB ({t['argument_bytes'] / gib:.2f} + "
+      f"{t['temp_bytes'] / gib:.2f}) | {t['hbm_bytes'] / gib:.2f} GiB | "
+      f"{'yes' if t['fits'] else 'NO'} | {t['model_flops']:.3e} | {t['hardware_flops']:.3e} | "
+      f"{traffic} ({t['compiler_bytes_accessed_per_device'] / 1e9:.1f} GB) | "
+      f"{t['compute_bound_s'] * 1e3:.0f} / {t['memory_bound_s'] * 1e3:.0f} / "
+      f"{t['ici_bound_s'] * 1e3:.0f} | {t['estimated_step_s'] * 1e3:.0f} | "
+      f"{100 * t['implied_mfu']:.1f}% |"
+    )
 
 
 def main():
@@ -54,10 +67,15 @@ def main():
   parser.add_argument("--topologies", default="v5e:4x4,v5p:2x2x1,v5e:16x16")
   parser.add_argument("--config_arg", default="", help="argument of configs/stage2.py")
   parser.add_argument("--out", default="")
-  parser.add_argument("--override", action="append", default=[],
-                      help="config override, e.g. --override=model.attention=xla")
+  parser.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    help="config override, e.g. --override=model.attention=xla",
+  )
   args = parser.parse_args()
   from absl import flags
+
   flags.FLAGS(["aot_stage2"])  # the config module reads no flags; mark absl as parsed
   from configs import stage2
   from train import aot

@@ -10,6 +10,7 @@ from scratch (target <= 0.2) for two random-weight configs:
          printed for both), i.e. what the cache saves in a real deployment.
 Compilation is excluded (each path runs once first). Run: python benchmarks/bench_cache.py
 """
+
 import argparse
 import os
 import sys
@@ -19,22 +20,32 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flax import nnx  # noqa: E402
 
-from frameselect_jax import experiment  # noqa: E402
-from frameselect_jax.models import presets  # noqa: E402
-from frameselect_jax import hf, synthetic, text, video  # noqa: E402
+from frameselect_jax import (  # noqa: E402
+  experiment,  # noqa: E402
+  synthetic,
+  text,
+  video,
+)
 from frameselect_jax.api import FrameSelector  # noqa: E402
+from frameselect_jax.models import presets  # noqa: E402
+from frameselect_jax.models.attention import attention_pairs  # noqa: E402
 from frameselect_jax.models.qwen2 import Qwen2Config  # noqa: E402
 from frameselect_jax.models.selector import Selector, SelectorConfig  # noqa: E402
-from frameselect_jax.models.attention import attention_pairs  # noqa: E402
 from train import flops  # noqa: E402
 
 QUESTIONS = ("When does the red square appear?", "Where is the red square in the frame?")
 
 # Qwen2.5-0.5B's width and heads, 6 blocks (scores are read after the 5th, which computes the
 # score query's row alone): the LLM's share of the FLOPs stays close to the paper's setting.
-SMALL_LLM = Qwen2Config(vocab_size=4096, hidden_size=896, intermediate_size=4864,
-                        num_hidden_layers=6, num_attention_heads=14, num_key_value_heads=2,
-                        tie_word_embeddings=True)
+SMALL_LLM = Qwen2Config(
+  vocab_size=4096,
+  hidden_size=896,
+  intermediate_size=4864,
+  num_hidden_layers=6,
+  num_attention_heads=14,
+  num_key_value_heads=2,
+  tie_word_embeddings=True,
+)
 
 
 def configs(which):
@@ -42,8 +53,11 @@ def configs(which):
   if which in ("all", "tiny"):
     out["tiny"] = experiment.selector_config(dict(llm="tiny", vision="tiny", num_candidates=128))
   if which in ("all", "base"):
-    out["base"] = SelectorConfig(vision=presets.preset(presets.SIGLIP, "siglip-base-patch16-224"),
-                                 llm=SMALL_LLM, num_candidates=32).validate()
+    out["base"] = SelectorConfig(
+      vision=presets.preset(presets.SIGLIP, "siglip-base-patch16-224"),
+      llm=SMALL_LLM,
+      num_candidates=32,
+    ).validate()
   return out
 
 
@@ -63,12 +77,16 @@ def describe(name, cfg, question_tokens):
   seq = cfg.num_visual_tokens + question_tokens + 1
   vit, llm = flops.vision_tower_flops(cfg.vision, cfg.num_candidates), llm_flops(cfg.llm, seq)
   v, l = cfg.vision, cfg.llm
-  print(f"config {name}: n={cfg.num_candidates}, {cfg.tokens_per_frame} tokens/frame, "
-        f"SigLIP {v.num_hidden_layers}x{v.hidden_size} @ {v.image_size}px/{v.patch_size}, "
-        f"LLM {l.num_hidden_layers}x{l.hidden_size} (MLP {l.intermediate_size}, "
-        f"{l.num_attention_heads}/{l.num_key_value_heads} heads), sequence {seq} tokens")
-  print(f"  analytic matmul FLOPs: ViT {vit / 1e9:.1f} G, LLM score pass {llm / 1e9:.1f} G "
-        f"(LLM share {llm / (vit + llm):.3f})")
+  print(
+    f"config {name}: n={cfg.num_candidates}, {cfg.tokens_per_frame} tokens/frame, "
+    f"SigLIP {v.num_hidden_layers}x{v.hidden_size} @ {v.image_size}px/{v.patch_size}, "
+    f"LLM {l.num_hidden_layers}x{l.hidden_size} (MLP {l.intermediate_size}, "
+    f"{l.num_attention_heads}/{l.num_key_value_heads} heads), sequence {seq} tokens"
+  )
+  print(
+    f"  analytic matmul FLOPs: ViT {vit / 1e9:.1f} G, LLM score pass {llm / 1e9:.1f} G "
+    f"(LLM share {llm / (vit + llm):.3f})"
+  )
 
 
 def best_of(repeats, fn):
@@ -81,8 +99,12 @@ def best_of(repeats, fn):
 
 
 def bench(name, cfg, path, repeats):
-  selector = FrameSelector(Selector(cfg, rngs=nnx.Rngs(0)), text.ByteTokenizer(),
-                           description=f"random {name}", trained=False)
+  selector = FrameSelector(
+    Selector(cfg, rngs=nnx.Rngs(0)),
+    text.ByteTokenizer(),
+    description=f"random {name}",
+    trained=False,
+  )
   prompt_tokens = len(text.question_prompt(QUESTIONS[1]).encode())
   describe(name, cfg, prompt_tokens)
   # Compile both paths first (same shapes as the timed calls).
@@ -97,13 +119,16 @@ def bench(name, cfg, path, repeats):
     selector.select(path, QUESTIONS[1])
 
   scratch = best_of(repeats, from_scratch)
-  decode = best_of(repeats, lambda: video.decode_candidates(path, n=cfg.num_candidates,
-                                                            size=cfg.vision.image_size))
+  decode = best_of(
+    repeats, lambda: video.decode_candidates(path, n=cfg.num_candidates, size=cfg.vision.image_size)
+  )
   calls = selector.encode_calls
   warm = best_of(2 * repeats, cached)
   assert selector.encode_calls == calls  # the cached path never touched the vision tower
-  print(f"  from scratch (decode + encode + score + select): {scratch * 1e3:9.1f} ms "
-        f"(decode alone {decode * 1e3:.1f} ms)")
+  print(
+    f"  from scratch (decode + encode + score + select): {scratch * 1e3:9.1f} ms "
+    f"(decode alone {decode * 1e3:.1f} ms)"
+  )
   print(f"  second question, cached tokens (score + select): {warm * 1e3:9.1f} ms")
   print(f"  ratio cached / from scratch: {warm / scratch:.3f}  (target <= 0.2)")
 

@@ -234,7 +234,8 @@ def main():
   )
   print()
   print(
-    f"{'method':28s} {'seconds':>8s} {'peak RSS':>10s} {'RSS growth':>11s} {'growth - candidates':>20s}"
+    f"{'method':28s} {'seconds':>8s} {'peak RSS':>10s} {'RSS growth':>11s} "
+    f"{'growth - candidates':>20s}"
   )
   results, frames = {}, {}
   with tempfile.TemporaryDirectory() as tmp_dir:

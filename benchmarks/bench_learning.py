@@ -11,6 +11,7 @@ swapped for another needle's question of the same video (the frames stay): a sel
 reads the question then finds the other needle first. Targets (issue "the selector learns"):
 held-out hit@4 with NMS >= 0.9 while uniform stays below 0.5; both stages under 8 minutes.
 """
+
 import argparse
 import os
 import sys
@@ -26,6 +27,7 @@ KS = (2, 4, 8)
 def train_both_stages(head, root, needle_dir):
   from configs import needle
   from train import trainer
+
   times = {}
   for stage in (1, 2):
     config = needle.get_config(f"stage={stage},head={head}")
@@ -36,14 +38,18 @@ def train_both_stages(head, root, needle_dir):
     start = time.perf_counter()
     summary = trainer.run(config, os.path.join(root, f"stage{stage}"))
     times[stage] = time.perf_counter() - start
-    print(f"  stage {stage}: {summary['step']} steps in {times[stage]:.0f} s, validation hit@4 "
-          f"{summary['validation/hit_at_4']:.3f}", flush=True)
+    print(
+      f"  stage {stage}: {summary['step']} steps in {times[stage]:.0f} s, validation hit@4 "
+      f"{summary['validation/hit_at_4']:.3f}",
+      flush=True,
+    )
   return times
 
 
 def evaluate(selector, needle_dir, items, seed=0):
   import jax
   import numpy as np
+
   from frameselect_jax import selection, synthetic
 
   def scores_for(questions):
@@ -54,8 +60,15 @@ def evaluate(selector, needle_dir, items, seed=0):
   own = [(it["question"], it["options"]) for it in items]
   scores, results = scores_for(own)
   valid = np.stack([r.valid for r in results])
-  relevant = np.stack([synthetic.candidate_relevance(it, r.candidate_frame_indices)
-                       for it, r in zip(items, results)]) > 0
+  relevant = (
+    np.stack(
+      [
+        synthetic.candidate_relevance(it, r.candidate_frame_indices)
+        for it, r in zip(items, results)
+      ]
+    )
+    > 0
+  )
   # The same videos, each question swapped for the next needle's question of its video.
   by_video = {}
   for i, it in enumerate(items):
@@ -69,25 +82,28 @@ def evaluate(selector, needle_dir, items, seed=0):
   table = {}
   for k in KS:
     picks = {
-        "uniform": selection.select_batch("uniform", scores, valid, k),
-        "random": selection.random_k(valid, k, jax.random.key(seed + k)),
-        "top-k (selector)": selection.select_batch("top_k", scores, valid, k),
-        "NMS (selector)": selection.select_batch("nms_greedy", scores, valid, k),
-        "NMS (labels: the ceiling)": selection.select_batch(
-            "nms_greedy", relevant.astype(np.float32), valid, k),
+      "uniform": selection.select_batch("uniform", scores, valid, k),
+      "random": selection.random_k(valid, k, jax.random.key(seed + k)),
+      "top-k (selector)": selection.select_batch("top_k", scores, valid, k),
+      "NMS (selector)": selection.select_batch("nms_greedy", scores, valid, k),
+      "NMS (labels: the ceiling)": selection.select_batch(
+        "nms_greedy", relevant.astype(np.float32), valid, k
+      ),
     }
-    picks["NMS, questions swapped"] = selection.select_batch("nms_greedy", swapped_scores,
-                                                             valid, k)
+    picks["NMS, questions swapped"] = selection.select_batch("nms_greedy", swapped_scores, valid, k)
     for name, chosen in picks.items():
       table.setdefault(name, {})[k] = (
-          float(np.nanmean(selection.recall_at_k(chosen, relevant))),
-          float(np.nanmean(selection.hit_at_k(chosen, relevant))))
+        float(np.nanmean(selection.recall_at_k(chosen, relevant))),
+        float(np.nanmean(selection.hit_at_k(chosen, relevant))),
+      )
   return table
 
 
 def print_table(head, times, table, count):
-  print(f"\n### score head `{head}`: stage 1 {times[1]:.0f} s + stage 2 {times[2]:.0f} s = "
-        f"{times[1] + times[2]:.0f} s of training; {count} held-out questions\n")
+  print(
+    f"\n### score head `{head}`: stage 1 {times[1]:.0f} s + stage 2 {times[2]:.0f} s = "
+    f"{times[1] + times[2]:.0f} s of training; {count} held-out questions\n"
+  )
   print("| strategy | " + " | ".join(f"recall@{k} | hit@{k}" for k in KS) + " |")
   print("|---|" + "---|---|" * len(KS))
   for name, row in table.items():
@@ -101,6 +117,7 @@ def main():
   parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
   args = parser.parse_args()
   from absl import flags
+
   flags.FLAGS(["bench_learning"])
   from frameselect_jax import jsonl
   from frameselect_jax.api import FrameSelector

@@ -72,7 +72,8 @@ def main():
     f"of {args.repeats}"
   )
   print(
-    f"  Python reference, per batch:   {reference_s * 1e3:9.1f} ms median, {reference_best * 1e3:.1f} best "
+    f"  Python reference, per batch:   {reference_s * 1e3:9.1f} ms median, "
+    f"{reference_best * 1e3:.1f} best "
     f"of {args.reference_repeats}"
   )
   print(

@@ -1,8 +1,9 @@
 """Tokens-per-frame ablation of the paper (1 token 46.6, 9 tokens 47.2, 25 tokens 47.3).
 
-  python -m train --config=configs/ablation_tokens.py:tokens=25,stage=1
-  python -m train --config=configs/ablation_tokens.py:tokens=25,stage=2
+python -m train --config=configs/ablation_tokens.py:tokens=25,stage=1
+python -m train --config=configs/ablation_tokens.py:tokens=25,stage=2
 """
+
 from configs import common
 
 

@@ -5,6 +5,7 @@ comma-separated list of `key=value` or bare flags, e.g. `--config=configs/stage2
 or `--config=configs/ablation_llm.py:llm=0.5b,stage=1`. Any field can then be overridden
 on the command line: `--config.train.lr=2e-5`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,7 @@ import ml_collections
 from frameselect_jax.sharding import LOGICAL_RULES
 from frameselect_jax.synthetic import NeedleSettings
 
-LLM_PRESETS = {"0.5b": "qwen2.5-0.5b", "1.5b": "qwen2.5-1.5b", "7b": "qwen2.5-7b",
-               "tiny": "tiny"}
+LLM_PRESETS = {"0.5b": "qwen2.5-0.5b", "1.5b": "qwen2.5-1.5b", "7b": "qwen2.5-7b", "tiny": "tiny"}
 VISION_PRESET = "siglip-so400m-patch14-384"
 TOKENS_TO_GRID = {1: 1, 4: 2, 9: 3, 16: 4, 25: 5}
 # Attention and MLP projections of every LLM block (paths inside `Selector.llm`).
@@ -42,8 +42,9 @@ def parse_arg(arg: str | None, **defaults):
       value = True
     elif kind is bool:
       if value.lower() not in BOOLEANS:
-        raise ValueError(f"config argument {key!r} is a boolean; {value!r} is none of "
-                         f"{sorted(BOOLEANS)}")
+        raise ValueError(
+          f"config argument {key!r} is a boolean; {value!r} is none of {sorted(BOOLEANS)}"
+        )
       value = BOOLEANS[value.lower()]
     else:
       value = kind(value)
@@ -51,8 +52,9 @@ def parse_arg(arg: str | None, **defaults):
   return out
 
 
-def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
-         name: str = "") -> ml_collections.ConfigDict:
+def base(
+  *, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False, name: str = ""
+) -> ml_collections.ConfigDict:
   if llm not in LLM_PRESETS:
     raise ValueError(f"unknown LLM size {llm!r}; choose one of {sorted(LLM_PRESETS)}")
   if tokens not in TOKENS_TO_GRID:
@@ -66,16 +68,16 @@ def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
   c.model = ml_collections.ConfigDict()
   c.model.llm = "tiny" if tiny else LLM_PRESETS[llm]
   c.model.vision = "tiny" if tiny else VISION_PRESET
-  c.model.llm_dir = ""        # Hugging Face directory; empty: random init (tiny, AOT)
+  c.model.llm_dir = ""  # Hugging Face directory; empty: random init (tiny, AOT)
   c.model.vision_dir = ""
   c.model.num_candidates = 16 if tiny else 128
   c.model.pool_grid = TOKENS_TO_GRID[tokens]
-  c.model.dtype = "bfloat16"          # compute dtype; trainable params stay float32
-  c.model.frozen_dtype = "bfloat16"   # storage of the frozen backbone (halves its memory)
-  c.model.remat = not tiny            # jax.checkpoint every transformer block
+  c.model.dtype = "bfloat16"  # compute dtype; trainable params stay float32
+  c.model.frozen_dtype = "bfloat16"  # storage of the frozen backbone (halves its memory)
+  c.model.remat = not tiny  # jax.checkpoint every transformer block
   c.model.score_head = "query_mlp"
   # Causal attention: the Pallas flash kernel on TPU (auto), XLA's everywhere else.
-  c.model.attention = "auto"          # auto | xla | flash
+  c.model.attention = "auto"  # auto | xla | flash
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 4 if tiny else 16
@@ -85,8 +87,8 @@ def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
   c.data = ml_collections.ConfigDict()
   # synthetic (frame arrays, unit tests) | needle (generated videos) | array_record | tfds
   c.data.source = "synthetic" if tiny else "array_record"
-  c.data.train_path = ""       # array_record glob of training records
-  c.data.eval_path = ""        # array_record glob of held-out records
+  c.data.train_path = ""  # array_record glob of training records
+  c.data.eval_path = ""  # array_record glob of held-out records
   c.data.tfds_name = ""
   c.data.tfds_dir = ""
   c.data.train_split = "train"
@@ -98,19 +100,19 @@ def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
   # written once to needle.dir (default <workdir>/../needle_data/<fingerprint>) and decoded
   # through frameselect_jax.video like any video. Held-out: its test split.
   c.data.needle = needle_settings()
-  c.data.tokenizer = "byte" if tiny else ""   # "byte", a directory, or "" for model.llm_dir
+  c.data.tokenizer = "byte" if tiny else ""  # "byte", a directory, or "" for model.llm_dir
   c.data.max_question_length = 160 if tiny else 96
   c.data.max_instruction_length = 160 if tiny else 128
   c.data.global_batch_size = 8 if tiny else 128
   c.data.cache_visual_tokens = True
-  c.data.cache_dir = ""        # default: <workdir>/../visual_cache/<fingerprint>
+  c.data.cache_dir = ""  # default: <workdir>/../visual_cache/<fingerprint>
   c.data.shuffle_seed = 0
   c.data.num_threads = 2
-  c.data.worker_count = 0      # grain worker processes (0: threads in this process)
+  c.data.worker_count = 0  # grain worker processes (0: threads in this process)
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 2 if stage == 1 else 5
-  c.train.num_steps = 0        # > 0 overrides epochs
+  c.train.num_steps = 0  # > 0 overrides epochs
   c.train.lr = 1e-4 if stage == 1 else 1e-5
   c.train.schedule = "cosine"  # cosine | constant
   c.train.warmup_fraction = 0.03
@@ -125,8 +127,11 @@ def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
   c.train.task_ratio = "1:1" if stage == 1 else "0:1"
   # Trainable top-level modules; stage 2 adds the LoRA adapters.
   c.train.trainable = ("projector", "score_query", "score_head")
-  c.train.init_from = "" if stage == 1 else f"workdirs/stage1-{llm}-{tokens}tok" \
-      + ("-tiny" if tiny else "") + "/checkpoints"
+  c.train.init_from = (
+    ""
+    if stage == 1
+    else f"workdirs/stage1-{llm}-{tokens}tok" + ("-tiny" if tiny else "") + "/checkpoints"
+  )
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 50 if tiny else 500
@@ -135,10 +140,10 @@ def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
 
   # Validation on the held-out split during training (the evaluation harness is eval/).
   c.validation = ml_collections.ConfigDict()
-  c.validation.every_steps = 50 if tiny else 1000   # 0: only at the end
-  c.validation.ks = (2, 4) if tiny else (4, 8)      # frame budgets: recall@k and hit@k
-  c.validation.relevant_label = 0.5           # a candidate is relevant when its label is >= this
-  c.validation.max_batches = 0                # 0: the whole held-out split
+  c.validation.every_steps = 50 if tiny else 1000  # 0: only at the end
+  c.validation.ks = (2, 4) if tiny else (4, 8)  # frame budgets: recall@k and hit@k
+  c.validation.relevant_label = 0.5  # a candidate is relevant when its label is >= this
+  c.validation.max_batches = 0  # 0: the whole held-out split
 
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 1 if tiny else 10
@@ -154,7 +159,7 @@ def base(*, stage: int, llm: str = "1.5b", tokens: int = 9, tiny: bool = False,
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False
-  c.distributed.coordinator_address = ""   # empty: auto-detect (TPU pods)
+  c.distributed.coordinator_address = ""  # empty: auto-detect (TPU pods)
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
   return c
@@ -166,5 +171,5 @@ def needle_settings(**changes) -> ml_collections.ConfigDict:
   c.dir = ""
   c.train_videos = 256
   c.test_videos = 64
-  c.backend = "auto"   # video decoder (frameselect_jax.video.BACKENDS)
+  c.backend = "auto"  # video decoder (frameselect_jax.video.BACKENDS)
   return c

@@ -20,6 +20,7 @@ frameselect_jax/video.py: 256 training and 64 held-out videos, 16 s at 8 fps, th
 (cards of a named colour, shown 0.5 s: one of the 32 candidates) and two distractor cards
 each, one question per needle.
 """
+
 from configs import common
 
 EVERYTHING = ("vision_tower", "projector", "llm", "score_query", "score_head")
@@ -31,7 +32,7 @@ def get_config(arg=None):
   c = common.base(stage=args.stage, tiny=True, name=f"needle-stage{args.stage}")
   c.model.num_candidates = 32
   c.model.score_head = args.head
-  c.model.dtype = "float32"          # CPU: bfloat16 is emulated, slower than float32
+  c.model.dtype = "float32"  # CPU: bfloat16 is emulated, slower than float32
   c.model.frozen_dtype = "float32"
   c.data.source = "needle"
   c.data.needle = common.needle_settings()
@@ -44,7 +45,7 @@ def get_config(arg=None):
   c.train.warmup_fraction = 0.05
   if args.stage == 1:
     c.train.trainable = EVERYTHING
-    c.data.cache_visual_tokens = False   # the tower trains
+    c.data.cache_visual_tokens = False  # the tower trains
     c.train.lr = 7e-4
     c.train.num_steps = 1600
   else:

@@ -1,8 +1,9 @@
 """Stage 1 of the paper (Qwen2.5-1.5B + SigLIP so400m, 128 frames x 9 tokens).
 
-  python -m train --config=configs/stage1.py          the paper's setting
-  python -m train --config=configs/stage1.py:tiny     random tiny models on generated data (CPU)
+python -m train --config=configs/stage1.py          the paper's setting
+python -m train --config=configs/stage1.py:tiny     random tiny models on generated data (CPU)
 """
+
 from configs import common
 
 

@@ -16,6 +16,7 @@ The model runs as `jax.jit` functions over the split NNX state (graphdef static)
 compile once per input shape and are shared by every FrameSelector with the same graphdef.
 Question prompts are padded to a multiple of QUESTION_BUCKET tokens so few shapes occur.
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,10 +29,9 @@ from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
-
-import ml_collections
 
 from frameselect_jax import errors, experiment, hf, selection, text, video
 from frameselect_jax.models.selector import Selector, SelectorConfig
@@ -43,6 +43,7 @@ DEFAULT_CACHE_SIZE = 64
 
 
 # --- jitted passes, shared by all selectors with the same graphdef ---
+
 
 def _encode_impl(graphdef, state, frames_uint8):
   model = nnx.merge(graphdef, state)
@@ -59,6 +60,7 @@ _score = jax.jit(_score_impl, static_argnums=0)
 
 
 # --- results ---
+
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
@@ -107,18 +109,26 @@ class Selection:
       digest = hashlib.sha1(json.dumps([self.question, list(self.options)]).encode())
       qid = f"{video_id}:{digest.hexdigest()[:10]}"
     return {
-        "qid": qid, "video_id": video_id, "strategy": self.strategy, "n": self.n, "k": self.k,
-        "indices": [int(i) for i in self.indices],
-        "timestamps": [round(float(t), 6) for t in self.timestamps],
-        "scores": [float(s) if ok and math.isfinite(s) else None
-                   for s, ok in zip(self.scores.tolist(), self.valid.tolist())],
+      "qid": qid,
+      "video_id": video_id,
+      "strategy": self.strategy,
+      "n": self.n,
+      "k": self.k,
+      "indices": [int(i) for i in self.indices],
+      "timestamps": [round(float(t), 6) for t in self.timestamps],
+      "scores": [
+        float(s) if ok and math.isfinite(s) else None
+        for s, ok in zip(self.scores.tolist(), self.valid.tolist())
+      ],
     }
 
 
 # --- the selector ---
 
-class VideoTokens(collections.namedtuple(
-    "VideoTokens", "tokens timestamps valid frame_indices duration")):
+
+class VideoTokens(
+  collections.namedtuple("VideoTokens", "tokens timestamps valid frame_indices duration")
+):
   """A cache entry: pooled visual tokens (1, n, g*g, D) and the candidates' metadata."""
 
 
@@ -131,8 +141,16 @@ class FrameSelector:
   video decoder; cache_size is how many videos' visual tokens are kept.
   """
 
-  def __init__(self, model: Selector, tokenizer, *, description: str, trained: bool,
-               backend: str = "auto", cache_size: int = DEFAULT_CACHE_SIZE):
+  def __init__(
+    self,
+    model: Selector,
+    tokenizer,
+    *,
+    description: str,
+    trained: bool,
+    backend: str = "auto",
+    cache_size: int = DEFAULT_CACHE_SIZE,
+  ):
     self.config: SelectorConfig = model.config
     self.graphdef, self.state = nnx.split(model)
     self.tokenizer = tokenizer
@@ -141,7 +159,7 @@ class FrameSelector:
     self.backend = backend
     self.cache_size = cache_size
     self._cache: collections.OrderedDict = collections.OrderedDict()
-    self.encode_calls = 0   # how many videos went through the vision tower
+    self.encode_calls = 0  # how many videos went through the vision tower
 
   @property
   def num_candidates(self) -> int:
@@ -152,46 +170,88 @@ class FrameSelector:
     return self.config.vision.image_size
 
   def __repr__(self):
-    return (f"FrameSelector({self.description}, n={self.num_candidates}, "
-            f"image_size={self.image_size}, trained={self.trained})")
+    return (
+      f"FrameSelector({self.description}, n={self.num_candidates}, "
+      f"image_size={self.image_size}, trained={self.trained})"
+    )
 
   # --- constructors ---
 
   @classmethod
-  def random(cls, llm: str = "tiny", vision: str = "tiny", *, num_candidates: int = 128,
-             pool_grid: int = 3, dtype: str = "float32", seed: int = 0, **kwargs):
+  def random(
+    cls,
+    llm: str = "tiny",
+    vision: str = "tiny",
+    *,
+    num_candidates: int = 128,
+    pool_grid: int = 3,
+    dtype: str = "float32",
+    seed: int = 0,
+    **kwargs,
+  ):
     """Random weights from preset names (`models.presets`), with the byte
     tokenizer. The scores mean nothing: for demos, tests and benchmarks."""
-    cfg = experiment.selector_config(dict(llm=llm, vision=vision, num_candidates=num_candidates,
-                                          pool_grid=pool_grid, dtype=dtype))
+    cfg = experiment.selector_config(
+      dict(llm=llm, vision=vision, num_candidates=num_candidates, pool_grid=pool_grid, dtype=dtype)
+    )
     model = Selector(cfg, rngs=nnx.Rngs(seed))
-    return cls(model, text.ByteTokenizer(),
-               description=f"random {llm}/{vision} preset (untrained: scores are random)",
-               trained=False, **kwargs)
+    return cls(
+      model,
+      text.ByteTokenizer(),
+      description=f"random {llm}/{vision} preset (untrained: scores are random)",
+      trained=False,
+      **kwargs,
+    )
 
   @classmethod
-  def from_hf(cls, llm_dir: str, vision_dir: str, *, num_candidates: int = 128,
-              pool_grid: int = 3, dtype: str = "float32", tokenizer=None, seed: int = 0,
-              **kwargs):
+  def from_hf(
+    cls,
+    llm_dir: str,
+    vision_dir: str,
+    *,
+    num_candidates: int = 128,
+    pool_grid: int = 3,
+    dtype: str = "float32",
+    tokenizer=None,
+    seed: int = 0,
+    **kwargs,
+  ):
     """Qwen2.5 and SigLIP from local Hugging Face directories; the projector, score query
     and score head are freshly initialised, so the scores are untrained.
 
     tokenizer: None loads it from llm_dir; "byte" uses the byte tokenizer; another string
     is a tokenizer directory; anything else is used as the tokenizer.
     """
-    cfg = experiment.selector_config(dict(llm_dir=llm_dir, vision_dir=vision_dir,
-                                          num_candidates=num_candidates, pool_grid=pool_grid,
-                                          dtype=dtype))
+    cfg = experiment.selector_config(
+      dict(
+        llm_dir=llm_dir,
+        vision_dir=vision_dir,
+        num_candidates=num_candidates,
+        pool_grid=pool_grid,
+        dtype=dtype,
+      )
+    )
     model = hf.selector_from_hf(cfg, llm_dir, vision_dir, seed=seed)
-    return cls(model, _tokenizer(tokenizer, llm_dir),
-               description=f"Hugging Face {llm_dir} + {vision_dir} "
-                           "(untrained head: scores are random)",
-               trained=False, **kwargs)
+    return cls(
+      model,
+      _tokenizer(tokenizer, llm_dir),
+      description=f"Hugging Face {llm_dir} + {vision_dir} (untrained head: scores are random)",
+      trained=False,
+      **kwargs,
+    )
 
   @classmethod
-  def from_checkpoint(cls, directory: str, *, step: int | None = None,
-                      llm_dir: str | None = None, vision_dir: str | None = None,
-                      tokenizer=None, dtype: str | None = None, **kwargs):
+  def from_checkpoint(
+    cls,
+    directory: str,
+    *,
+    step: int | None = None,
+    llm_dir: str | None = None,
+    vision_dir: str | None = None,
+    tokenizer=None,
+    dtype: str | None = None,
+    **kwargs,
+  ):
     """A trained selector from a training run's orbax checkpoint.
 
     directory: the run's workdir or its checkpoints/ folder. The checkpoint's meta holds
@@ -210,8 +270,10 @@ class FrameSelector:
     try:
       meta = ckpt.read_meta(ckpt_dir, step)
     except Exception as error:
-      raise ValueError(f"{ckpt_dir}: step {step} has no readable meta item, so it is not a "
-                       f"frameselect training checkpoint ({errors.one_line(error, 300)})") from error
+      raise ValueError(
+        f"{ckpt_dir}: step {step} has no readable meta item, so it is not a "
+        f"frameselect training checkpoint ({errors.one_line(error, 300)})"
+      ) from error
     config = ml_collections.ConfigDict(_config_from_meta(meta, ckpt_dir))
     m = config.model
     m.llm_dir = llm_dir or m.get("llm_dir") or ""
@@ -223,21 +285,28 @@ class FrameSelector:
       model = experiment.build_model(config)
     except FileNotFoundError as error:
       raise FileNotFoundError(
-          f"{ckpt_dir}: its frozen backbone comes from {m.llm_dir} and {m.vision_dir}, which "
-          f"cannot be read here ({error}); pass llm_dir=/vision_dir= (--llm/--vision) to "
-          "say where they are on this machine") from error
-    source = (f"{m.llm_dir} + {m.vision_dir}" if m.llm_dir else
-              f"random {m.llm}/{m.vision} backbone, seed {config.seed}")
+        f"{ckpt_dir}: its frozen backbone comes from {m.llm_dir} and {m.vision_dir}, which "
+        f"cannot be read here ({error}); pass llm_dir=/vision_dir= (--llm/--vision) to "
+        "say where they are on this machine"
+      ) from error
+    source = (
+      f"{m.llm_dir} + {m.vision_dir}"
+      if m.llm_dir
+      else f"random {m.llm}/{m.vision} backbone, seed {config.seed}"
+    )
     # The trained part, as the trainer split it: the named top-level modules, plus LoRA.
     graphdef, params, frozen = nnx.split(model, experiment.trainable_filter(config), ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            nnx.to_pure_dict(params))
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(params)
+    )
     try:
       restored, _ = ckpt.restore_params(ckpt_dir, abstract, step)
     except Exception as error:
-      raise ValueError(f"{ckpt_dir}: step {step} does not match the model its config "
-                       f"describes ({errors.one_line(error, 300)})") from error
+      raise ValueError(
+        f"{ckpt_dir}: step {step} does not match the model its config "
+        f"describes ({errors.one_line(error, 300)})"
+      ) from error
     params = nnx.State(restored)
     # Training kept the frozen backbone in model.frozen_dtype: use the same weights.
     cast = experiment.frozen_dtype(m.get("frozen_dtype", "float32"))
@@ -246,15 +315,19 @@ class FrameSelector:
     inherited = ckpt.saved_tree(ckpt_dir, step, "inherited")
     if inherited:
       wanted = {k: frozen[k] for k in inherited if k in frozen}
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                              wanted)
+      abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted
+      )
       restored_frozen, _ = ckpt.restore_params(ckpt_dir, abstract, step, item="inherited")
       frozen = {**frozen, **restored_frozen}
     model = nnx.merge(graphdef, params, nnx.State(frozen))
-    return cls(model, _tokenizer(tokenizer or _config_tokenizer(config), m.llm_dir or None),
-               description=f"checkpoint {ckpt_dir} step {step} (stage {config['stage']}, "
-                           f"{source})",
-               trained=True, **kwargs)
+    return cls(
+      model,
+      _tokenizer(tokenizer or _config_tokenizer(config), m.llm_dir or None),
+      description=f"checkpoint {ckpt_dir} step {step} (stage {config['stage']}, {source})",
+      trained=True,
+      **kwargs,
+    )
 
   # --- the two passes ---
 
@@ -278,8 +351,9 @@ class FrameSelector:
     candidates = video.decode_candidates(path, n=n, size=self.image_size, backend=self.backend)
     tokens = _encode(self.graphdef, self.state, candidates.frames[None])
     self.encode_calls += 1
-    entry = VideoTokens(tokens, candidates.timestamps, candidates.valid,
-                         candidates.frame_indices, candidates.duration)
+    entry = VideoTokens(
+      tokens, candidates.timestamps, candidates.valid, candidates.frame_indices, candidates.duration
+    )
     self._cache[key] = entry
     while len(self._cache) > self.cache_size:
       self._cache.popitem(last=False)
@@ -289,27 +363,42 @@ class FrameSelector:
     """Logits float32[len(prompts), n]; -inf on padding candidates."""
     lengths = [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
     max_length = QUESTION_BUCKET * max(1, math.ceil(max(lengths) / QUESTION_BUCKET))
-    ids, mask = text.tokenize_questions(self.tokenizer, prompts, max_length,
-                                        vocab_size=self.config.llm.vocab_size)
+    ids, mask = text.tokenize_questions(
+      self.tokenizer, prompts, max_length, vocab_size=self.config.llm.vocab_size
+    )
     tokens = jnp.concatenate([e.tokens for e in entries], axis=0)
     valid = np.stack([e.valid for e in entries])
     return np.asarray(_score(self.graphdef, self.state, tokens, ids, mask, valid))
 
   # --- selection ---
 
-  def select(self, video_path: str, question: str, k: int = 8, n: int | None = None,
-             strategy: str = "nms_greedy", options: Sequence[str] = ()) -> Selection:
+  def select(
+    self,
+    video_path: str,
+    question: str,
+    k: int = 8,
+    n: int | None = None,
+    strategy: str = "nms_greedy",
+    options: Sequence[str] = (),
+  ) -> Selection:
     """The k frames of a video that best help answer the question.
 
     n is the number of candidates (None: the model's; another value is an error, since
     the score head has one output per candidate).
     """
-    return self.select_many([(video_path, question, options)], k=k, n=n, strategy=strategy,
-                            batch_size=1)[0]
+    return self.select_many(
+      [(video_path, question, options)], k=k, n=n, strategy=strategy, batch_size=1
+    )[0]
 
-  def select_many(self, pairs: Iterable[Sequence], k: int = 8, n: int | None = None,
-                  strategy: str = "nms_greedy", batch_size: int = 8,
-                  progress: bool = False) -> list[Selection]:
+  def select_many(
+    self,
+    pairs: Iterable[Sequence],
+    k: int = 8,
+    n: int | None = None,
+    strategy: str = "nms_greedy",
+    batch_size: int = 8,
+    progress: bool = False,
+  ) -> list[Selection]:
     """`select` for many (video, question) or (video, question, options) tuples.
 
     Questions are scored batch_size at a time (the last batch is padded, so one compiled
@@ -333,9 +422,10 @@ class FrameSelector:
       first_seen.setdefault(path, len(first_seen))
     order = sorted(range(len(items)), key=lambda i: first_seen[items[i][0]])
     results: list[Selection | None] = [None] * len(items)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
       from tqdm import tqdm
+
       batches = tqdm(batches, desc="selecting", unit="batch")
     for batch in batches:
       entries = [self.visual_tokens(items[i][0], n) for i in batch]
@@ -348,23 +438,36 @@ class FrameSelector:
         entry, chosen = entries[row], picks[row][picks[row] >= 0]
         path, question, options = items[i]
         results[i] = Selection(
-            video=path, question=question, options=tuple(options), strategy=strategy, k=k,
-            n=n, indices=chosen, timestamps=entry.timestamps[chosen].astype(np.float64),
-            frame_indices=entry.frame_indices[chosen], scores=scores[row],
-            valid=entry.valid, candidate_timestamps=entry.timestamps,
-            candidate_frame_indices=entry.frame_indices, duration=entry.duration)
+          video=path,
+          question=question,
+          options=tuple(options),
+          strategy=strategy,
+          k=k,
+          n=n,
+          indices=chosen,
+          timestamps=entry.timestamps[chosen].astype(np.float64),
+          frame_indices=entry.frame_indices[chosen],
+          scores=scores[row],
+          valid=entry.valid,
+          candidate_timestamps=entry.timestamps,
+          candidate_frame_indices=entry.frame_indices,
+          duration=entry.duration,
+        )
     return results
 
   def _check_n(self, n):
     if n is None:
       return self.num_candidates
     if n != self.num_candidates:
-      raise ValueError(f"this selector scores n={self.num_candidates} candidates per video "
-                       f"(its score head has one output each), not n={n}")
+      raise ValueError(
+        f"this selector scores n={self.num_candidates} candidates per video "
+        f"(its score head has one output each), not n={n}"
+      )
     return n
 
 
 # --- helpers ---
+
 
 def _pair(item) -> tuple[str, str, tuple[str, ...]]:
   if isinstance(item, str) or not 2 <= len(item) <= 3:
@@ -389,8 +492,10 @@ def _tokenizer(spec, llm_dir: str | None):
     except FileNotFoundError:
       raise
     except Exception as error:
-      raise ValueError(f"cannot load a tokenizer from {directory!r} ({errors.one_line(error, 300)}); pass "
-                       "tokenizer=<directory> (or 'byte' for random tiny models)") from error
+      raise ValueError(
+        f"cannot load a tokenizer from {directory!r} ({errors.one_line(error, 300)}); pass "
+        "tokenizer=<directory> (or 'byte' for random tiny models)"
+      ) from error
     return tokenizer
   return spec
 
@@ -402,6 +507,7 @@ def _config_tokenizer(config: dict):
 def _find_checkpoint(directory: str, step: int | None) -> tuple[str, int]:
   """(folder holding the numbered steps, step) for a workdir or its checkpoints/ folder."""
   from frameselect_jax import checkpoint as ckpt
+
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
   for candidate in (directory, os.path.join(directory, "checkpoints")):
@@ -411,11 +517,14 @@ def _find_checkpoint(directory: str, step: int | None) -> tuple[str, int]:
         return os.path.abspath(candidate), latest
       if os.path.isdir(os.path.join(candidate, str(step))):
         return os.path.abspath(candidate), step
-      raise FileNotFoundError(f"{candidate!r} has no checkpoint for step {step} "
-                              f"(latest is {latest})")
-  raise FileNotFoundError(f"{directory!r} holds no checkpoint: expected numbered step "
-                          "folders in it or in its checkpoints/ subfolder (a training run's "
-                          "workdir)")
+      raise FileNotFoundError(
+        f"{candidate!r} has no checkpoint for step {step} (latest is {latest})"
+      )
+  raise FileNotFoundError(
+    f"{directory!r} holds no checkpoint: expected numbered step "
+    "folders in it or in its checkpoints/ subfolder (a training run's "
+    "workdir)"
+  )
 
 
 def _config_from_meta(meta, where: str) -> dict:
@@ -426,15 +535,18 @@ def _config_from_meta(meta, where: str) -> dict:
     except json.JSONDecodeError as error:
       raise ValueError(f"{where}: the checkpoint's config is not valid JSON ({error})") from error
   if not isinstance(config, dict):
-    raise ValueError(f"{where}: the checkpoint's meta has no training config, so the model "
-                     "cannot be rebuilt from it")
+    raise ValueError(
+      f"{where}: the checkpoint's meta has no training config, so the model "
+      "cannot be rebuilt from it"
+    )
   missing = [key for key in ("model", "stage", "seed", "train") if key not in config]
   model_keys = ("llm", "vision", "num_candidates", "pool_grid", "dtype")
   missing += [f"model.{key}" for key in model_keys if key not in config.get("model", {})]
   if config.get("stage") == 2 and "lora" not in config:
     missing.append("lora")
   if missing:
-    raise ValueError(f"{where}: the checkpoint's config lacks {missing}; it was not written "
-                     "by this project's trainer, or by an incompatible version")
+    raise ValueError(
+      f"{where}: the checkpoint's config lacks {missing}; it was not written "
+      "by this project's trainer, or by an incompatible version"
+    )
   return config
-

@@ -13,6 +13,7 @@ shards it owns, and orbax's primary process finalises the directory, so a checkp
 written cooperatively. A save interrupted half-way (SIGKILL) leaves only a temporary
 directory, which is never read back.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,22 +28,28 @@ ITEMS = ("params", "opt_state", "data", "meta", "inherited")
 
 
 def _handlers():
-  return {"params": ocp.StandardCheckpointHandler(),
-          "opt_state": ocp.StandardCheckpointHandler(),
-          "data": grain.checkpoint.CheckpointHandler(),
-          "meta": ocp.JsonCheckpointHandler(),
-          "inherited": ocp.StandardCheckpointHandler()}
+  return {
+    "params": ocp.StandardCheckpointHandler(),
+    "opt_state": ocp.StandardCheckpointHandler(),
+    "data": grain.checkpoint.CheckpointHandler(),
+    "meta": ocp.JsonCheckpointHandler(),
+    "inherited": ocp.StandardCheckpointHandler(),
+  }
 
 
 class Checkpointer:
-
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=ITEMS, item_handlers=_handlers())
+      save_interval_steps=save_every,
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=ITEMS, item_handlers=_handlers()
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -53,13 +60,24 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.manager.should_save(step)
 
-  def save(self, step: int, *, params, opt_state, data_iterator, meta: dict,
-           inherited: dict | None = None, force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    *,
+    params,
+    opt_state,
+    data_iterator,
+    meta: dict,
+    inherited: dict | None = None,
+    force: bool = False,
+  ) -> bool:
     """Starts an asynchronous save; returns False when the interval says not now."""
-    items = dict(params=ocp.args.StandardSave(params),
-                 opt_state=ocp.args.StandardSave(opt_state),
-                 data=grain.checkpoint.CheckpointSave(data_iterator),
-                 meta=ocp.args.JsonSave(meta))
+    items = dict(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      data=grain.checkpoint.CheckpointSave(data_iterator),
+      meta=ocp.args.JsonSave(meta),
+    )
     if inherited:
       items["inherited"] = ocp.args.StandardSave(inherited)
     args = ocp.args.Composite(**items)
@@ -70,10 +88,11 @@ class Checkpointer:
     (jax.ShapeDtypeStruct with .sharding) and moves `data_iterator` to its saved position.
     Returns (params, opt_state, meta)."""
     args = ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params),
-        opt_state=ocp.args.StandardRestore(abstract_opt_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator),
-        meta=ocp.args.JsonRestore())
+      params=ocp.args.StandardRestore(abstract_params),
+      opt_state=ocp.args.StandardRestore(abstract_opt_state),
+      data=grain.checkpoint.CheckpointRestore(data_iterator),
+      meta=ocp.args.JsonRestore(),
+    )
     restored = self.manager.restore(step, args=args)
     return restored["params"], restored["opt_state"], restored["meta"]
 
@@ -94,8 +113,11 @@ def latest_step(directory: str) -> int | None:
   """
   if not os.path.isdir(directory):
     return None
-  steps = [int(name) for name in os.listdir(directory)
-           if name.isdigit() and os.path.isdir(os.path.join(directory, name))]
+  steps = [
+    int(name)
+    for name in os.listdir(directory)
+    if name.isdigit() and os.path.isdir(os.path.join(directory, name))
+  ]
   return max(steps) if steps else None
 
 
@@ -132,8 +154,7 @@ def saved_tree(directory: str, step: int | None = None, item: str = "params"):
     handler.close()
 
 
-def restore_params(directory: str, abstract_params, step: int | None = None,
-                   item: str = "params"):
+def restore_params(directory: str, abstract_params, step: int | None = None, item: str = "params"):
   """Only the `params` item of a checkpoint (e.g. stage 1's trainables to start stage 2), or
   another item of arrays (`inherited`).
 
@@ -151,10 +172,15 @@ def restore_params(directory: str, abstract_params, step: int | None = None,
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   try:
     # Arrays come back in the abstract tree's dtype (e.g. fp32 trainables as a bf16 backbone).
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding,
-                                                               dtype=x.dtype), abstract_params)
-    params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=abstract_params, restore_args=restore_args, partial_restore=True))
+    restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_params
+    )
+    params = checkpointer.restore(
+      path,
+      args=ocp.args.PyTreeRestore(
+        item=abstract_params, restore_args=restore_args, partial_restore=True
+      ),
+    )
   finally:
     checkpointer.close()
   return params, step
@@ -167,11 +193,12 @@ def _check_saved_shapes(saved, abstract_params, path):
       name = getattr(key, "key", getattr(key, "idx", None))
       node = node.get(name, node.get(str(name))) if isinstance(node, dict) else None
       if node is None:
-        raise ValueError(f"{path}: parameter {jax.tree_util.keystr(keys)} is not in the "
-                         "checkpoint")
+        raise ValueError(f"{path}: parameter {jax.tree_util.keystr(keys)} is not in the checkpoint")
     if tuple(node.shape) != tuple(want.shape):
-      raise ValueError(f"{path}: parameter {jax.tree_util.keystr(keys)} has shape "
-                       f"{tuple(node.shape)}, the model expects {tuple(want.shape)}")
+      raise ValueError(
+        f"{path}: parameter {jax.tree_util.keystr(keys)} has shape "
+        f"{tuple(node.shape)}, the model expects {tuple(want.shape)}"
+      )
 
 
 def read_meta(directory: str, step: int) -> dict:

@@ -1,4 +1,5 @@
 """How errors are told to a user: one line each."""
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ checkpoint).
 stores): model.{llm, vision, llm_dir, vision_dir, num_candidates, pool_grid, dtype,
 frozen_dtype, remat, score_head}, stage, seed, lora.{pattern, rank, alpha}, train.trainable.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -17,9 +18,17 @@ from frameselect_jax.models.layers import add_lora
 from frameselect_jax.models.selector import DTYPES, Selector, SelectorConfig
 
 TOP_LEVEL = ("vision_tower", "projector", "llm", "score_query", "score_head")
-MODEL_DEFAULTS = {"llm": "tiny", "vision": "tiny", "llm_dir": "", "vision_dir": "",
-                  "num_candidates": 128, "pool_grid": 3, "dtype": "float32", "remat": False,
-                  "score_head": "query_mlp"}
+MODEL_DEFAULTS = {
+  "llm": "tiny",
+  "vision": "tiny",
+  "llm_dir": "",
+  "vision_dir": "",
+  "num_candidates": 128,
+  "pool_grid": 3,
+  "dtype": "float32",
+  "remat": False,
+  "score_head": "query_mlp",
+}
 # Also in the model section, used elsewhere (storage of the frozen weights, the kernel).
 MODEL_OTHER = ("frozen_dtype", "attention")
 
@@ -39,9 +48,15 @@ def selector_config(model) -> SelectorConfig:
   else:
     llm = presets.preset(presets.QWEN2, m["llm"])
     vision = presets.preset(presets.SIGLIP, m["vision"])
-  return SelectorConfig(vision=vision, llm=llm, num_candidates=m["num_candidates"],
-                        pool_grid=m["pool_grid"], dtype=m["dtype"], remat=m["remat"],
-                        score_head=m["score_head"]).validate()
+  return SelectorConfig(
+    vision=vision,
+    llm=llm,
+    num_candidates=m["num_candidates"],
+    pool_grid=m["pool_grid"],
+    dtype=m["dtype"],
+    remat=m["remat"],
+    score_head=m["score_head"],
+  ).validate()
 
 
 def frozen_dtype(name: str):
@@ -66,8 +81,13 @@ def trainable_filter(config):
 
 def add_adapters(model: Selector, config) -> Selector:
   if config.stage == 2:
-    add_lora(model.llm, config.lora.pattern, rank=config.lora.rank, alpha=config.lora.alpha,
-             rngs=nnx.Rngs(config.seed + 1))
+    add_lora(
+      model.llm,
+      config.lora.pattern,
+      rank=config.lora.rank,
+      alpha=config.lora.alpha,
+      rngs=nnx.Rngs(config.seed + 1),
+    )
   return model
 
 

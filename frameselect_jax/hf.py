@@ -7,6 +7,7 @@ a checkpoint never needs two full copies in host memory. One regex table per mod
 Hugging Face names to our parameter paths (which keep Hugging Face names); the only
 transforms are transposes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from frameselect_jax import sharding as shd
 from frameselect_jax.models import presets as presets_lib
@@ -54,44 +56,64 @@ def _pick_fields(cls, values: dict):
 def qwen2_config_from_hf(hf: dict) -> Qwen2Config:
   archs = set(hf.get("architectures") or [])
   if hf.get("model_type") != "qwen2" or (archs and not archs & QWEN2_ARCHITECTURES):
-    raise ValueError(f"unsupported LLM architecture: model_type={hf.get('model_type')!r}, "
-                     f"architectures={sorted(archs)}; expected qwen2 / Qwen2ForCausalLM")
+    raise ValueError(
+      f"unsupported LLM architecture: model_type={hf.get('model_type')!r}, "
+      f"architectures={sorted(archs)}; expected qwen2 / Qwen2ForCausalLM"
+    )
   values = dict(hf)
   rope = hf.get("rope_parameters") or {}
   if "rope_theta" not in values and "rope_theta" in rope:
     values["rope_theta"] = rope["rope_theta"]
   if rope.get("rope_type", "default") != "default" or (hf.get("rope_scaling") or {}):
-    raise ValueError(f"unsupported rope scaling {rope or hf.get('rope_scaling')}; only default RoPE")
+    raise ValueError(
+      f"unsupported rope scaling {rope or hf.get('rope_scaling')}; only default RoPE"
+    )
   return _pick_fields(Qwen2Config, values).validate()
 
 
 def siglip_config_from_hf(hf: dict) -> SiglipVisionConfig:
   if hf.get("model_type") not in SIGLIP_MODEL_TYPES:
-    raise ValueError(f"unsupported vision architecture: model_type={hf.get('model_type')!r}; "
-                     f"expected one of {sorted(SIGLIP_MODEL_TYPES)}")
+    raise ValueError(
+      f"unsupported vision architecture: model_type={hf.get('model_type')!r}; "
+      f"expected one of {sorted(SIGLIP_MODEL_TYPES)}"
+    )
   values = hf.get("vision_config", hf) if hf["model_type"] == "siglip" else hf
   return _pick_fields(SiglipVisionConfig, values).validate()
 
 
 def qwen2_config_to_hf(cfg: Qwen2Config) -> dict:
   return {
-      "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-      "num_attention_heads": cfg.num_attention_heads,
-      "num_key_value_heads": cfg.num_key_value_heads, "rms_norm_eps": cfg.rms_norm_eps,
-      "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_word_embeddings,
-      "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": "silu",
-      "torch_dtype": "float32", "use_sliding_window": False,
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.hidden_size,
+    "intermediate_size": cfg.intermediate_size,
+    "num_hidden_layers": cfg.num_hidden_layers,
+    "num_attention_heads": cfg.num_attention_heads,
+    "num_key_value_heads": cfg.num_key_value_heads,
+    "rms_norm_eps": cfg.rms_norm_eps,
+    "rope_theta": cfg.rope_theta,
+    "tie_word_embeddings": cfg.tie_word_embeddings,
+    "max_position_embeddings": cfg.max_position_embeddings,
+    "hidden_act": "silu",
+    "torch_dtype": "float32",
+    "use_sliding_window": False,
   }
 
 
 # --- safetensors, memory-mapped (no torch; bfloat16 through ml_dtypes) ---
 
 SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
 }
 
 
@@ -109,8 +131,11 @@ def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
     start, end = info["data_offsets"]
     dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
     shape = tuple(info["shape"])
-    tensors[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start,
-                              shape=shape) if end > start else np.zeros(shape, dtype)
+    tensors[name] = (
+      np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start, shape=shape)
+      if end > start
+      else np.zeros(shape, dtype)
+    )
   return tensors
 
 
@@ -126,8 +151,10 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
   else:
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
-      raise FileNotFoundError(f"{directory!r} has no model.safetensors, no "
-                              "model.safetensors.index.json and no *.safetensors shards")
+      raise FileNotFoundError(
+        f"{directory!r} has no model.safetensors, no "
+        "model.safetensors.index.json and no *.safetensors shards"
+      )
   tensors = {}
   for name in files:
     path = os.path.join(directory, name)
@@ -139,6 +166,7 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
 
 # --- name tables: (Hugging Face regex, our dotted path template, transform) ---
 
+
 def _transpose(x):
   return x.T
 
@@ -148,24 +176,44 @@ def _conv_to_hwio(x):  # torch Conv2d (out, in, kh, kw) -> (kh, kw, in, out)
 
 
 QWEN2_RULES: list[tuple[str, str, Callable | None]] = [
-    (r"model\.embed_tokens\.weight", r"model.embed_tokens.embedding", None),
-    (r"(model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj)\.weight", r"\1.kernel", _transpose),
-    (r"(model\.layers\.\d+\.self_attn\.[qkv]_proj)\.bias", r"\1.bias", None),
-    (r"(model\.layers\.\d+\.\w+_layernorm)\.weight", r"\1.weight", None),
-    (r"model\.norm\.weight", r"model.norm.weight", None),
-    (r"lm_head\.weight", r"lm_head.kernel", _transpose),
+  (r"model\.embed_tokens\.weight", r"model.embed_tokens.embedding", None),
+  (r"(model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj)\.weight", r"\1.kernel", _transpose),
+  (r"(model\.layers\.\d+\.self_attn\.[qkv]_proj)\.bias", r"\1.bias", None),
+  (r"(model\.layers\.\d+\.\w+_layernorm)\.weight", r"\1.weight", None),
+  (r"model\.norm\.weight", r"model.norm.weight", None),
+  (r"lm_head\.weight", r"lm_head.kernel", _transpose),
 ]
 SIGLIP_RULES: list[tuple[str, str, Callable | None]] = [
-    (r"(?:vision_model\.)?embeddings\.patch_embedding\.weight",
-     r"embeddings.patch_embedding.kernel", _conv_to_hwio),
-    (r"(?:vision_model\.)?embeddings\.patch_embedding\.bias", r"embeddings.patch_embedding.bias", None),
-    (r"(?:vision_model\.)?embeddings\.position_embedding\.weight",
-     r"embeddings.position_embedding.embedding", None),
-    (r"(?:vision_model\.)?(encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d))\.weight",
-     r"\1.kernel", _transpose),
-    (r"(?:vision_model\.)?(encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d))\.bias", r"\1.bias", None),
-    (r"(?:vision_model\.)?(encoder\.layers\.\d+\.layer_norm\d|post_layernorm)\.(weight|bias)",
-     r"\1.\2", None),
+  (
+    r"(?:vision_model\.)?embeddings\.patch_embedding\.weight",
+    r"embeddings.patch_embedding.kernel",
+    _conv_to_hwio,
+  ),
+  (
+    r"(?:vision_model\.)?embeddings\.patch_embedding\.bias",
+    r"embeddings.patch_embedding.bias",
+    None,
+  ),
+  (
+    r"(?:vision_model\.)?embeddings\.position_embedding\.weight",
+    r"embeddings.position_embedding.embedding",
+    None,
+  ),
+  (
+    r"(?:vision_model\.)?(encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d))\.weight",
+    r"\1.kernel",
+    _transpose,
+  ),
+  (
+    r"(?:vision_model\.)?(encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d))\.bias",
+    r"\1.bias",
+    None,
+  ),
+  (
+    r"(?:vision_model\.)?(encoder\.layers\.\d+\.layer_norm\d|post_layernorm)\.(weight|bias)",
+    r"\1.\2",
+    None,
+  ),
 ]
 # SiglipModel checkpoints prefix the tower with "vision_model."; transformers 5 saves a
 # SiglipVisionModel without it. Both load.
@@ -179,8 +227,15 @@ def _path_key(path) -> str:
   return ".".join(str(p) for p in path)
 
 
-def _load_into(abstract_state, tensors: dict[str, np.ndarray], rules, ignored: str,
-               mesh: Mesh | None, source: str, tied: bool = False):
+def _load_into(
+  abstract_state,
+  tensors: dict[str, np.ndarray],
+  rules,
+  ignored: str,
+  mesh: Mesh | None,
+  source: str,
+  tied: bool = False,
+):
   """Fills an abstract NNX state from checkpoint tensors, each placed on its sharding."""
   targets = {_path_key(p): v for p, v in nnx.to_flat_state(abstract_state)}
   found: dict[str, tuple[str, Callable | None]] = {}
@@ -196,8 +251,10 @@ def _load_into(abstract_state, tensors: dict[str, np.ndarray], rules, ignored: s
   missing = sorted(t for t in targets if t not in found)
   extra = sorted(unexpected + [found[t][0] for t in found if t not in targets])
   if missing or extra:
-    raise ValueError(f"checkpoint {source!r} does not match the model:\n"
-                     f"  missing tensors for: {missing}\n  unexpected tensors: {extra}")
+    raise ValueError(
+      f"checkpoint {source!r} does not match the model:\n"
+      f"  missing tensors for: {missing}\n  unexpected tensors: {extra}"
+    )
   device = NamedSharding(shd.make_mesh(1, 1, 1, jax.devices()[:1]), P())
   filled = []
   for key, variable in targets.items():
@@ -205,42 +262,61 @@ def _load_into(abstract_state, tensors: dict[str, np.ndarray], rules, ignored: s
     array = tensors[name] if transform is None else transform(tensors[name])
     expected = tuple(variable.get_value().shape)
     if tuple(array.shape) != expected:
-      raise ValueError(f"{source!r}: tensor {name} has shape {tuple(array.shape)} after "
-                       f"conversion, expected {expected} for {key}")
+      raise ValueError(
+        f"{source!r}: tensor {name} has shape {tuple(array.shape)} after "
+        f"conversion, expected {expected} for {key}"
+      )
     if mesh is None:
       sharding = device
     else:
-      sharding = NamedSharding(mesh, shd.logical_to_spec(shd.variable_axes(variable),
-                                                         expected, mesh))
+      sharding = NamedSharding(
+        mesh, shd.logical_to_spec(shd.variable_axes(variable), expected, mesh)
+      )
     dtype = variable.get_value().dtype
     value = jax.make_array_from_callback(
-        expected, sharding, lambda index, a=array: np.asarray(a[index], dtype=dtype))
-    filled.append((tuple(int(p) if p.isdigit() else p for p in key.split(".")),
-                   variable.replace(value)))
+      expected, sharding, lambda index, a=array, dtype=dtype: np.asarray(a[index], dtype=dtype)
+    )
+    filled.append(
+      (tuple(int(p) if p.isdigit() else p for p in key.split(".")), variable.replace(value))
+    )
   return nnx.from_flat_state(filled)
 
 
-def load_qwen2(directory: str, *, preset_name: str | None = None, dtype=jnp.float32,
-               mesh: Mesh | None = None) -> Qwen2ForCausalLM:
+def load_qwen2(
+  directory: str, *, preset_name: str | None = None, dtype=jnp.float32, mesh: Mesh | None = None
+) -> Qwen2ForCausalLM:
   """Qwen2ForCausalLM (Qwen2 / Qwen2.5) from a local Hugging Face directory."""
   cfg = config_or_preset(directory, preset_name, presets_lib.QWEN2, qwen2_config_from_hf)
-  return _load_model(directory, lambda: Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
-                     QWEN2_RULES, QWEN2_IGNORED, mesh, tied=cfg.tie_word_embeddings)
+  return _load_model(
+    directory,
+    lambda: Qwen2ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
+    QWEN2_RULES,
+    QWEN2_IGNORED,
+    mesh,
+    tied=cfg.tie_word_embeddings,
+  )
 
 
-def load_siglip(directory: str, *, preset_name: str | None = None, dtype=jnp.float32,
-                mesh: Mesh | None = None) -> SiglipVisionModel:
+def load_siglip(
+  directory: str, *, preset_name: str | None = None, dtype=jnp.float32, mesh: Mesh | None = None
+) -> SiglipVisionModel:
   """The vision tower of SiglipVisionModel or SiglipModel from a local directory."""
   cfg = config_or_preset(directory, preset_name, presets_lib.SIGLIP, siglip_config_from_hf)
-  return _load_model(directory, lambda: SiglipVisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
-                     SIGLIP_RULES, SIGLIP_IGNORED, mesh)
+  return _load_model(
+    directory,
+    lambda: SiglipVisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
+    SIGLIP_RULES,
+    SIGLIP_IGNORED,
+    mesh,
+  )
 
 
 def _load_model(directory, make_model, rules, ignored, mesh, tied=False):
   """Builds the module abstractly (no memory) and fills it from the directory's tensors."""
   graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
-  state = _load_into(abstract, read_safetensors(directory), rules, ignored, mesh, directory,
-                     tied=tied)
+  state = _load_into(
+    abstract, read_safetensors(directory), rules, ignored, mesh, directory, tied=tied
+  )
   return nnx.merge(graphdef, state)
 
 
@@ -251,8 +327,9 @@ def config_or_preset(directory, preset_name, presets, from_hf):
   if os.path.isfile(os.path.join(directory, "config.json")):
     return from_hf(read_config_json(directory))
   if preset_name is None:
-    raise FileNotFoundError(f"{directory!r} has no config.json and no preset was given "
-                            f"(known presets: {sorted(presets)})")
+    raise FileNotFoundError(
+      f"{directory!r} has no config.json and no preset was given (known presets: {sorted(presets)})"
+    )
   return presets_lib.preset(presets, preset_name)
 
 
@@ -264,8 +341,9 @@ def siglip_config(directory: str) -> SiglipVisionConfig:
   return config_or_preset(directory, None, presets_lib.SIGLIP, siglip_config_from_hf)
 
 
-def selector_from_hf(cfg: SelectorConfig, llm_dir: str, vision_dir: str, *,
-                     mesh: Mesh | None = None, seed: int = 0) -> Selector:
+def selector_from_hf(
+  cfg: SelectorConfig, llm_dir: str, vision_dir: str, *, mesh: Mesh | None = None, seed: int = 0
+) -> Selector:
   """A Selector of `cfg` (`experiment.selector_config` reads it from the same directories)
   whose LLM and vision tower come from Hugging Face directories; the projector, score query
   and score head are freshly initialised (untrained)."""
@@ -277,30 +355,36 @@ def selector_from_hf(cfg: SelectorConfig, llm_dir: str, vision_dir: str, *,
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   is_backbone = lambda path, _: path[0] in ("llm", "vision_tower")
   head_abstract = nnx.filter_state(abstract, nnx.Not(is_backbone))
-  shardings = (shd.state_shardings(head_abstract, mesh) if mesh is not None else None)
+  shardings = shd.state_shardings(head_abstract, mesh) if mesh is not None else None
   # Only the head is returned, so XLA drops the backbone's random init.
-  head = jax.jit(lambda: nnx.filter_state(nnx.state(make()), nnx.Not(is_backbone)),
-                 out_shardings=shardings)()
-  state = nnx.merge_state(head, nnx.State({"llm": nnx.state(llm),
-                                           "vision_tower": nnx.state(vision)}))
+  head = jax.jit(
+    lambda: nnx.filter_state(nnx.state(make()), nnx.Not(is_backbone)), out_shardings=shardings
+  )()
+  state = nnx.merge_state(
+    head, nnx.State({"llm": nnx.state(llm), "vision_tower": nnx.state(vision)})
+  )
   return nnx.merge(graphdef, state)
 
 
 def load_tokenizer(directory: str):
   """transformers AutoTokenizer from a local directory (never downloads)."""
   from transformers import AutoTokenizer
+
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"tokenizer directory {directory!r} does not exist")
   tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
   # transformers 5 builds an empty tokenizer (every text -> no tokens) from a directory
   # without tokenizer files instead of failing; training on empty questions would be silent.
   if not tokenizer.encode("Which frames help?", add_special_tokens=False):
-    raise FileNotFoundError(f"{directory!r} has no usable tokenizer: no tokenizer files "
-                            "(tokenizer.json, or vocab.json + merges.txt)?")
+    raise FileNotFoundError(
+      f"{directory!r} has no usable tokenizer: no tokenizer files "
+      "(tokenizer.json, or vocab.json + merges.txt)?"
+    )
   return tokenizer
 
 
 # --- export ---
+
 
 def qwen2_to_hf_tensors(model: Qwen2ForCausalLM) -> dict[str, np.ndarray]:
   """Hugging Face-named float32 tensors of our Qwen2 (LoRA adapters merged, model untouched)."""
@@ -326,18 +410,21 @@ def _lora_denses(model):
 def _hf_name(key: str):
   """Our paths keep Hugging Face names: only the leaf differs (kernel is a transposed weight)."""
   if key.endswith(".kernel"):
-    return key[:-len("kernel")] + "weight", _transpose
+    return key[: -len("kernel")] + "weight", _transpose
   if key.endswith(".embedding"):
-    return key[:-len("embedding")] + "weight", None
+    return key[: -len("embedding")] + "weight", None
   return key, None
 
 
 def save_qwen2(model: Qwen2ForCausalLM, directory: str) -> None:
   """Writes config.json and model.safetensors that transformers' Qwen2ForCausalLM loads."""
   from safetensors.numpy import save_file
+
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(qwen2_config_to_hf(model.config), f, indent=2)
-  save_file(qwen2_to_hf_tensors(model), os.path.join(directory, "model.safetensors"),
-            metadata={"format": "pt"})
-
+  save_file(
+    qwen2_to_hf_tensors(model),
+    os.path.join(directory, "model.safetensors"),
+    metadata={"format": "pt"},
+  )

@@ -6,6 +6,7 @@ RandomAccessDataSource protocol): `InMemorySource`, `ArrayRecordSource`, `tfds_s
 `make_example` turns a record (`frameselect_jax.records`) into fixed-shape arrays;
 `global_batches` makes the deterministic, resumable, per-process grain pipeline.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,8 @@ from absl import flags
 from frameselect_jax import records
 from frameselect_jax.text import instruction_prompt, question_prompt
 
-
 # --- Sources ---
+
 
 class InMemorySource:
   """A list of records as a grain random-access source."""
@@ -60,8 +61,15 @@ class ArrayRecordSource:
     return f"ArrayRecordSource({len(self)} records in {len(self.paths)} files)"
 
 
-def needle_source(root: str, split: str, num_candidates: int, image_size: int, *,
-                  backend: str = "auto", progress: bool = True) -> InMemorySource:
+def needle_source(
+  root: str,
+  split: str,
+  num_candidates: int,
+  image_size: int,
+  *,
+  backend: str = "auto",
+  progress: bool = True,
+) -> InMemorySource:
   """Training records of one split of the needle benchmark (`synthetic.write_needle_benchmark`).
 
   Each video's n candidates are decoded once through `video.decode_candidates`, as any
@@ -71,29 +79,41 @@ def needle_source(root: str, split: str, num_candidates: int, image_size: int, *
   from tqdm import tqdm
 
   from frameselect_jax import jsonl, synthetic, video
+
   items = jsonl.read(os.path.join(root, f"{split}.jsonl"))
   decoded = {}
   out = []
   for item in tqdm(items, desc=f"decoding needle {split}", disable=not progress, leave=False):
     if item["video_id"] not in decoded:
       decoded[item["video_id"]] = video.decode_candidates(
-          os.path.join(root, item["video"]), n=num_candidates, size=image_size, backend=backend)
+        os.path.join(root, item["video"]), n=num_candidates, size=image_size, backend=backend
+      )
     candidates = decoded[item["video_id"]]
-    out.append({"video_id": item["video_id"], "qid": item["qid"], "frames": candidates.frames,
-                "timestamps": candidates.timestamps, "valid": candidates.valid,
-                "question": item["question"], "options": item["options"],
-                "answer": item["answer"],
-                "labels": synthetic.candidate_relevance(item, candidates.frame_indices)})
+    out.append(
+      {
+        "video_id": item["video_id"],
+        "qid": item["qid"],
+        "frames": candidates.frames,
+        "timestamps": candidates.timestamps,
+        "valid": candidates.valid,
+        "question": item["question"],
+        "options": item["options"],
+        "answer": item["answer"],
+        "labels": synthetic.candidate_relevance(item, candidates.frame_indices),
+      }
+    )
   return InMemorySource(out)
 
 
 def tfds_source(name: str, split: str, data_dir: str | None = None):
   """The TFDS builder's array_record split, read without TensorFlow."""
   import tensorflow_datasets as tfds
+
   return tfds.data_source(name, split=split, data_dir=data_dir or None)
 
 
 # --- Record -> fixed-shape arrays ---
+
 
 def _encode(tokenizer, text):
   return list(tokenizer.encode(text, add_special_tokens=False))
@@ -102,24 +122,28 @@ def _encode(tokenizer, text):
 @dataclasses.dataclass(frozen=True)
 class ExampleSpec:
   """What `make_example` produces; shared by the pipeline, the train step and AOT compile."""
+
   num_candidates: int
   image_size: int
   tokens_per_frame: int
   vision_width: int
   max_question_length: int
   max_instruction_length: int
-  visual_dtype: str = "float32"   # dtype of cached visual tokens fed to the step
+  visual_dtype: str = "float32"  # dtype of cached visual tokens fed to the step
 
   def shapes(self, cached: bool) -> dict[str, tuple[tuple[int, ...], Any]]:
     """field -> (shape without batch, dtype) of one example."""
     n = self.num_candidates
-    out = {"valid": ((n,), np.bool_), "labels": ((n,), np.float32),
-           "question_ids": ((self.max_question_length,), np.int32),
-           "question_mask": ((self.max_question_length,), np.int32),
-           "text_ids": ((self.max_instruction_length,), np.int32),
-           "text_mask": ((self.max_instruction_length,), np.int32),
-           "answer_mask": ((self.max_instruction_length,), np.int32),
-           "weight": ((), np.float32)}
+    out = {
+      "valid": ((n,), np.bool_),
+      "labels": ((n,), np.float32),
+      "question_ids": ((self.max_question_length,), np.int32),
+      "question_mask": ((self.max_question_length,), np.int32),
+      "text_ids": ((self.max_instruction_length,), np.int32),
+      "text_mask": ((self.max_instruction_length,), np.int32),
+      "answer_mask": ((self.max_instruction_length,), np.int32),
+      "weight": ((), np.float32),
+    }
     if cached:
       dtype = ml_dtypes.bfloat16 if self.visual_dtype == "bfloat16" else np.dtype(self.visual_dtype)
       out["visual"] = ((n, self.tokens_per_frame, self.vision_width), dtype)
@@ -128,8 +152,15 @@ class ExampleSpec:
     return out
 
 
-def make_example(record: dict, spec: ExampleSpec, tokenizer, *, eos_id: int,
-                 vocab_size: int, visual_lookup: Callable[[str], np.ndarray] | None = None) -> dict:
+def make_example(
+  record: dict,
+  spec: ExampleSpec,
+  tokenizer,
+  *,
+  eos_id: int,
+  vocab_size: int,
+  visual_lookup: Callable[[str], np.ndarray] | None = None,
+) -> dict:
   """One record -> fixed-shape numpy arrays for both training tasks.
 
   question_ids/mask: the selector prompt, right-padded. text_ids/mask: instruction prompt,
@@ -143,39 +174,45 @@ def make_example(record: dict, spec: ExampleSpec, tokenizer, *, eos_id: int,
   question_tokens = _encode(tokenizer, question_prompt(record["question"], options))
   prompt = _encode(tokenizer, instruction_prompt(record["question"], options))
   answer = _encode(tokenizer, " " + record["answer"].strip()) + [eos_id]
-  for name, tokens, limit in (("question prompt", question_tokens, spec.max_question_length),
-                              ("instruction prompt + answer", prompt + answer,
-                               spec.max_instruction_length)):
+  for name, tokens, limit in (
+    ("question prompt", question_tokens, spec.max_question_length),
+    ("instruction prompt + answer", prompt + answer, spec.max_instruction_length),
+  ):
     if len(tokens) > limit:
-      raise ValueError(f"record {record['video_id']!r}: {name} has {len(tokens)} tokens, more "
-                       f"than the configured maximum {limit}")
+      raise ValueError(
+        f"record {record['video_id']!r}: {name} has {len(tokens)} tokens, more "
+        f"than the configured maximum {limit}"
+      )
     if max(tokens) >= vocab_size:
-      raise ValueError(f"token id {max(tokens)} >= vocab_size {vocab_size}: the tokenizer does "
-                       f"not match the LLM")
+      raise ValueError(
+        f"token id {max(tokens)} >= vocab_size {vocab_size}: the tokenizer does not match the LLM"
+      )
   q_ids = np.zeros(spec.max_question_length, np.int32)
-  q_ids[:len(question_tokens)] = question_tokens
+  q_ids[: len(question_tokens)] = question_tokens
   text = prompt + answer
   t_ids = np.zeros(spec.max_instruction_length, np.int32)
-  t_ids[:len(text)] = text
+  t_ids[: len(text)] = text
   answer_mask = np.zeros(spec.max_instruction_length, np.int32)
-  answer_mask[len(prompt):len(text)] = 1
+  answer_mask[len(prompt) : len(text)] = 1
   example = {
-      "valid": valid,
-      "labels": np.where(valid, np.asarray(record["labels"], np.float32), 0.0).astype(np.float32),
-      "question_ids": q_ids,
-      "question_mask": (np.arange(spec.max_question_length) < len(question_tokens)).astype(np.int32),
-      "text_ids": t_ids,
-      "text_mask": (np.arange(spec.max_instruction_length) < len(text)).astype(np.int32),
-      "answer_mask": answer_mask,
-      "weight": np.float32(1.0),
+    "valid": valid,
+    "labels": np.where(valid, np.asarray(record["labels"], np.float32), 0.0).astype(np.float32),
+    "question_ids": q_ids,
+    "question_mask": (np.arange(spec.max_question_length) < len(question_tokens)).astype(np.int32),
+    "text_ids": t_ids,
+    "text_mask": (np.arange(spec.max_instruction_length) < len(text)).astype(np.int32),
+    "answer_mask": answer_mask,
+    "weight": np.float32(1.0),
   }
   shapes = spec.shapes(cached=visual_lookup is not None)
   if visual_lookup is not None:
     visual = visual_lookup(record["video_id"])
     shape, dtype = shapes["visual"]
     if visual.shape != shape:
-      raise ValueError(f"cached visual tokens of {record['video_id']!r} have shape {visual.shape}, "
-                       f"expected {shape}: the cache was built for another model config")
+      raise ValueError(
+        f"cached visual tokens of {record['video_id']!r} have shape {visual.shape}, "
+        f"expected {shape}: the cache was built for another model config"
+      )
     example["visual"] = np.asarray(visual).astype(dtype)
   else:
     example["frames"] = records.record_frames(record, spec.image_size)
@@ -189,8 +226,16 @@ def empty_example(spec: ExampleSpec, cached: bool) -> dict:
 
 # --- grain pipeline ---
 
-def global_batches(dataset: grain.MapDataset, *, global_batch_size: int, process_index: int,
-                   process_count: int, seed: int | None, num_epochs: int | None) -> grain.MapDataset:
+
+def global_batches(
+  dataset: grain.MapDataset,
+  *,
+  global_batch_size: int,
+  process_index: int,
+  process_count: int,
+  seed: int | None,
+  num_epochs: int | None,
+) -> grain.MapDataset:
   """Deterministic, per-process batches of a random-access dataset.
 
   The order is a seeded permutation, reshuffled every epoch (seed None: file order, one
@@ -199,8 +244,9 @@ def global_batches(dataset: grain.MapDataset, *, global_batch_size: int, process
   a single process would read. Everything is lazy: a process loads only its records.
   """
   if global_batch_size % process_count:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by the "
-                     f"{process_count} processes")
+    raise ValueError(
+      f"global batch {global_batch_size} is not divisible by the {process_count} processes"
+    )
   local = global_batch_size // process_count
   if seed is not None:
     dataset = dataset.shuffle(seed=seed)
@@ -210,11 +256,13 @@ def global_batches(dataset: grain.MapDataset, *, global_batch_size: int, process
   return dataset[process_index::process_count]
 
 
-def to_iterator(dataset: grain.MapDataset, num_threads: int = 2, prefetch: int = 4,
-                worker_count: int = 0):
+def to_iterator(
+  dataset: grain.MapDataset, num_threads: int = 2, prefetch: int = 4, worker_count: int = 0
+):
   """A checkpointable grain iterator; worker processes when worker_count > 0."""
-  iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                      prefetch_buffer_size=prefetch))
+  iter_ds = dataset.to_iter_dataset(
+    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  )
   if worker_count > 0:
     # grain's workers read absl flags; outside an absl program nothing has parsed them.
     if not flags.FLAGS.is_parsed():

@@ -1,5 +1,6 @@
 """JSON Lines files: one JSON object per line, read with the file and line of any bad one
 named, appended in whole lines only (json and the standard library; no JAX)."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,7 @@ def read(path: str, check: Callable[[dict], None] | None = None) -> list[dict]:
       except json.JSONDecodeError as error:
         raise JsonlError(f"{path}:{number}: not valid JSON ({error.msg})") from None
       if not isinstance(record, dict):
-        raise JsonlError(f"{path}:{number}: expected a JSON object, got "
-                         f"{type(record).__name__}")
+        raise JsonlError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
       if check is not None:
         try:
           check(record)

@@ -3,6 +3,7 @@ and a strip of thumbnails of the chosen frames with their timestamps.
 
 Matplotlib renders with Agg (no display needed); `plot_selection` writes a PNG.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ def load_thumbnails(path: str, frame_indices, height: int = THUMB_HEIGHT) -> lis
   from PIL import Image
 
   from frameselect_jax import video
+
   out = []
   for frame in video.decode_frames(path, [int(i) for i in frame_indices]):
     image = Image.fromarray(frame)
@@ -26,8 +28,16 @@ def load_thumbnails(path: str, frame_indices, height: int = THUMB_HEIGHT) -> lis
   return out
 
 
-def plot_selection(result, out_path: str, thumbnails=None, *, title: str | None = None,
-                   logits: bool = False, note: str | None = None, spans=()):
+def plot_selection(
+  result,
+  out_path: str,
+  thumbnails=None,
+  *,
+  title: str | None = None,
+  logits: bool = False,
+  note: str | None = None,
+  spans=(),
+):
   """Writes a PNG of one `api.Selection`.
 
   Top: sigmoid(score) (or the raw logits with logits=True) of every valid candidate against
@@ -51,24 +61,49 @@ def plot_selection(result, out_path: str, thumbnails=None, *, title: str | None 
   if has_thumbs:  # rows as tall as the thumbnails drawn at the width of one column
     aspect = max(t.shape[0] / t.shape[1] for t in thumbnails)
     thumb_in = 0.8 * width_in / per_row * aspect + 0.3
-  figure = Figure(figsize=(width_in, curve_in + 0.9 + thumb_rows * (thumb_in if has_thumbs else 0)),
-                  dpi=100, layout="constrained")
-  grid = figure.add_gridspec(1 + thumb_rows, per_row,
-                             height_ratios=[curve_in] + [thumb_in] * thumb_rows if has_thumbs
-                             else [curve_in])
+  figure = Figure(
+    figsize=(width_in, curve_in + 0.9 + thumb_rows * (thumb_in if has_thumbs else 0)),
+    dpi=100,
+    layout="constrained",
+  )
+  grid = figure.add_gridspec(
+    1 + thumb_rows,
+    per_row,
+    height_ratios=[curve_in] + [thumb_in] * thumb_rows if has_thumbs else [curve_in],
+  )
   curve = figure.add_subplot(grid[0, :])
   duration = max(float(result.duration), float(times[valid].max()) if valid.any() else 0.0)
   if valid.any():
-    curve.axvspan(times[valid].min(), times[valid].max(), color="#e8eef7", zorder=0,
-                  label=f"valid candidates ({valid.sum()} of {len(valid)})")
+    curve.axvspan(
+      times[valid].min(),
+      times[valid].max(),
+      color="#e8eef7",
+      zorder=0,
+      label=f"valid candidates ({valid.sum()} of {len(valid)})",
+    )
   for start, stop, label in spans:
     curve.axvspan(start, stop, color="#f2c14e", alpha=0.45, zorder=0, label=label)
-  curve.plot(times[valid], values[valid], "-", color="#3b6ea8", lw=1.3, marker=".", ms=3,
-             label="logit" if logits else "sigmoid(score) = P(frame helps)")
+  curve.plot(
+    times[valid],
+    values[valid],
+    "-",
+    color="#3b6ea8",
+    lw=1.3,
+    marker=".",
+    ms=3,
+    label="logit" if logits else "sigmoid(score) = P(frame helps)",
+  )
   for t in result.timestamps:
     curve.axvline(t, color="#d04040", lw=0.8, alpha=0.4, zorder=1)
-  curve.plot(result.timestamps, values[chosen], "o", color="#d04040", ms=6, zorder=3,
-             label=f"chosen ({result.strategy}, k={result.k})")
+  curve.plot(
+    result.timestamps,
+    values[chosen],
+    "o",
+    color="#d04040",
+    ms=6,
+    zorder=3,
+    label=f"chosen ({result.strategy}, k={result.k})",
+  )
   curve.set_xlim(0, duration if duration > 0 else 1)
   curve.set_xlabel("time (s)")
   curve.set_ylabel("logit" if logits else "sigmoid(score)")
@@ -76,8 +111,16 @@ def plot_selection(result, out_path: str, thumbnails=None, *, title: str | None 
   curve.grid(alpha=0.3)
   curve.set_title(title or result.question, fontsize=10, loc="left")
   if note:
-    curve.text(1.0, 1.02, note, transform=curve.transAxes, ha="right", va="bottom",
-               fontsize=8, color="#a03030")
+    curve.text(
+      1.0,
+      1.02,
+      note,
+      transform=curve.transAxes,
+      ha="right",
+      va="bottom",
+      fontsize=8,
+      color="#a03030",
+    )
 
   for j in range(k if has_thumbs else 0):
     ax = figure.add_subplot(grid[1 + j // per_row, j % per_row])

@@ -16,6 +16,7 @@ One record is one video-question pair:
 Records are stored as msgpack bytes in array_record files (the format TFDS uses) and read
 through the sources of `frameselect_jax.input_pipeline`.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,13 @@ import numpy as np
 from flax import serialization
 
 REQUIRED_FIELDS = ("video_id", "timestamps", "valid", "question", "answer", "labels")
-ARRAY_FIELDS = {"timestamps": np.float32, "valid": np.bool_, "labels": np.float32,
-                "spatial": np.float32, "temporal": np.float32}
+ARRAY_FIELDS = {
+  "timestamps": np.float32,
+  "valid": np.bool_,
+  "labels": np.float32,
+  "spatial": np.float32,
+  "temporal": np.float32,
+}
 
 
 def check_record(record: dict, num_candidates: int) -> dict:
@@ -39,9 +45,11 @@ def check_record(record: dict, num_candidates: int) -> dict:
     raise ValueError(f"record {record.get('video_id', '?')!r} lacks fields {missing}")
   for name in ARRAY_FIELDS:
     if name in record and np.shape(record[name]) != (num_candidates,):
-      raise ValueError(f"record {record['video_id']!r}: {name} has shape "
-                       f"{np.shape(record[name])}, expected ({num_candidates},) "
-                       f"(model.num_candidates={num_candidates})")
+      raise ValueError(
+        f"record {record['video_id']!r}: {name} has shape "
+        f"{np.shape(record[name])}, expected ({num_candidates},) "
+        f"(model.num_candidates={num_candidates})"
+      )
   if not isinstance(record["question"], str) or not record["question"].strip():
     raise ValueError(f"record {record['video_id']!r} has an empty question")
   labels = np.asarray(record["labels"], np.float32)
@@ -53,6 +61,7 @@ def check_record(record: dict, num_candidates: int) -> dict:
 
 
 # --- Serialisation ---
+
 
 def serialize_record(record: dict) -> bytes:
   """msgpack bytes (flax.serialization keeps numpy arrays exactly)."""
@@ -71,6 +80,7 @@ def deserialize_record(data: bytes) -> dict:
 def write_array_record(path: str, records: Sequence[dict]) -> str:
   """Writes records to one array_record file, returns the path."""
   from array_record.python.array_record_module import ArrayRecordWriter
+
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   writer = ArrayRecordWriter(path, "group_size:1")
   for record in records:
@@ -81,9 +91,11 @@ def write_array_record(path: str, records: Sequence[dict]) -> str:
 
 # --- Frames as JPEG bytes ---
 
+
 def decode_jpeg_frames(jpegs: Sequence[bytes], valid, image_size: int) -> np.ndarray:
   """JPEG bytes of the candidates -> uint8[n, S, S, 3]; padding frames stay zero."""
   from PIL import Image
+
   frames = np.zeros((len(valid), image_size, image_size, 3), np.uint8)
   for i, (data, ok) in enumerate(zip(jpegs, valid)):
     if ok and data:
@@ -99,13 +111,16 @@ def record_frames(record: dict, image_size: int) -> np.ndarray:
   if "frames" in record:
     frames = np.asarray(record["frames"], np.uint8)
     if frames.shape[1:] != (image_size, image_size, 3):
-      raise ValueError(f"record {record['video_id']!r} frames are {frames.shape[1:]}, the vision "
-                       f"tower expects ({image_size}, {image_size}, 3)")
+      raise ValueError(
+        f"record {record['video_id']!r} frames are {frames.shape[1:]}, the vision "
+        f"tower expects ({image_size}, {image_size}, 3)"
+      )
     return frames
   video = record["video"]
   if not isinstance(video, (list, tuple)):
     raise ValueError(
-        f"record {record['video_id']!r}: `video` must be a list of JPEG bytes, one per "
-        f"candidate, got {type(video).__name__} (a path? decode its candidates with "
-        f"frameselect_jax.video.decode_candidates and store them as JPEG bytes)")
+      f"record {record['video_id']!r}: `video` must be a list of JPEG bytes, one per "
+      f"candidate, got {type(video).__name__} (a path? decode its candidates with "
+      f"frameselect_jax.video.decode_candidates and store them as JPEG bytes)"
+    )
   return decode_jpeg_frames(video, record["valid"], image_size)

@@ -184,6 +184,7 @@ def select_batch(strategy: str, scores, valid, k: int):
 
 # --- How good a selection is ---
 
+
 def _chosen_relevant(chosen, relevant):
   """chosen int[..., k] (-1 fill), relevant bool[..., n] -> (relevant chosen, relevant count)."""
   chosen = jnp.asarray(chosen)

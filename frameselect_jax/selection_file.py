@@ -17,6 +17,7 @@ Other fields (a benchmark name, a seed) are kept as they are. `frameselect selec
 the Python API and the evaluation harness write it; other harnesses can read it. This
 module needs only json and numpy, so reporting tools read it without importing JAX.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,16 +59,19 @@ def check(record: dict) -> dict:
     raise ValueError(f"indices {indices} must lie in [0, n={n})")
   if any(b <= a for a, b in zip(indices, indices[1:])):
     raise ValueError(f"indices {indices} must be sorted and unique")
-  if not isinstance(timestamps, list) or not all(_is_number(t) and math.isfinite(t)
-                                                 for t in timestamps):
+  if not isinstance(timestamps, list) or not all(
+    _is_number(t) and math.isfinite(t) for t in timestamps
+  ):
     raise ValueError("timestamps must be a list of finite numbers")
   if len(timestamps) != len(indices):
     raise ValueError(f"{len(timestamps)} timestamps for {len(indices)} indices")
   scores = record.get("scores")
   if scores is not None:
     if not isinstance(scores, list) or len(scores) != n:
-      raise ValueError(f"scores must be a list of length n={n}, got "
-                       f"{len(scores) if isinstance(scores, list) else type(scores).__name__}")
+      raise ValueError(
+        f"scores must be a list of length n={n}, got "
+        f"{len(scores) if isinstance(scores, list) else type(scores).__name__}"
+      )
     if not all(s is None or (_is_number(s) and math.isfinite(s)) for s in scores):
       raise ValueError("scores must be finite numbers or null")
   return record

@@ -4,6 +4,7 @@ Every parameter records logical axis names (see models/layers.py `param`); this 
 them into NamedShardings. A dimension whose size the mesh axes do not divide is replicated
 (tiny test models), never padded.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -20,36 +22,43 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # KV heads stay replicated: Qwen2.5-1.5B has 2 of them, so a tensor axis wider than 2
 # could not split them; data + FSDP is the intended scaling path.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("embed_out", "tensor"),
-    ("vocab", "tensor"),
-    ("q_heads", "tensor"),
-    ("kv_heads", None),
-    ("mlp", "tensor"),
-    ("vision_embed", "fsdp"),
-    ("vision_heads", "tensor"),
-    ("vision_mlp", "tensor"),
-    ("lora_rank", None),
-    ("norm", None),
+  ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  ("embed_out", "tensor"),
+  ("vocab", "tensor"),
+  ("q_heads", "tensor"),
+  ("kv_heads", None),
+  ("mlp", "tensor"),
+  ("vision_embed", "fsdp"),
+  ("vision_heads", "tensor"),
+  ("vision_mlp", "tensor"),
+  ("lora_rank", None),
+  ("norm", None),
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    raise ValueError(
+      f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+    )
   known = math.prod(s for s in sizes if s != -1)
   if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
-    raise ValueError(f"mesh sizes data={data} fsdp={fsdp} tensor={tensor} do not divide the "
-                     f"{len(devices)} available devices")
+    raise ValueError(
+      f"mesh sizes data={data} fsdp={fsdp} tensor={tensor} do not divide the "
+      f"{len(devices)} available devices"
+    )
   sizes = [len(devices) // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices, "
-                     f"but {len(devices)} are available")
+    raise ValueError(
+      f"mesh sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices, "
+      f"but {len(devices)} are available"
+    )
   grid = np.asarray(devices).reshape(sizes)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
@@ -76,9 +85,11 @@ def variable_axes(variable: nnx.Variable) -> tuple:
 
 def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
   """Same tree as `state` (concrete or abstract), each value a NamedSharding."""
+
   def to_sharding(variable):
     spec = logical_to_spec(variable_axes(variable), variable.get_value().shape, mesh, rules)
     return variable.replace(NamedSharding(mesh, spec))
+
   return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

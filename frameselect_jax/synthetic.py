@@ -28,8 +28,14 @@ CODEC_FALLBACKS = ("libx264", "mpeg4")
 
 # Saturated needle colours, far from every background of this module (muted greys, or
 # needle_video's low-red gradient) and from each other.
-NEEDLE_COLORS = {"red": (230, 30, 30), "blue": (30, 60, 235), "yellow": (240, 220, 20),
-                 "white": (250, 250, 250), "green": (20, 200, 40), "magenta": (220, 30, 220)}
+NEEDLE_COLORS = {
+  "red": (230, 30, 30),
+  "blue": (30, 60, 235),
+  "yellow": (240, 220, 20),
+  "white": (250, 250, 250),
+  "green": (20, 200, 40),
+  "magenta": (220, 30, 220),
+}
 
 
 def available_codec(preferred: str = "libx264") -> str:
@@ -299,11 +305,15 @@ class NeedleSettings:
     if not 1 <= self.needles <= len(NEEDLE_COLORS):
       raise ValueError(f"needles must be in [1, {len(NEEDLE_COLORS)}], got {self.needles}")
     if self.needles + self.distractors > len(NEEDLE_COLORS):
-      raise ValueError(f"needles + distractors must be at most {len(NEEDLE_COLORS)} (one "
-                       f"colour each), got {self.needles} + {self.distractors}")
+      raise ValueError(
+        f"needles + distractors must be at most {len(NEEDLE_COLORS)} (one "
+        f"colour each), got {self.needles} + {self.distractors}"
+      )
     if self.needles * self.needle_frames > self.num_frames:
-      raise ValueError(f"{self.needles} needles of {self.needle_frames} frames do not fit in "
-                       f"{self.num_frames} frames")
+      raise ValueError(
+        f"{self.needles} needles of {self.needle_frames} frames do not fit in "
+        f"{self.num_frames} frames"
+      )
     if not 0.0 <= self.distractor_alike <= 1.0:
       raise ValueError(f"distractor_alike must be in [0, 1], got {self.distractor_alike}")
     if not 0.1 <= self.card_fraction <= 0.5:
@@ -320,7 +330,9 @@ def symbol_mask(symbol: str, side: int) -> np.ndarray:
   if symbol == "ring":
     return (radius >= 0.2) & (radius <= 0.36)
   if symbol == "cross":
-    return ((np.abs(xx) <= 0.1) | (np.abs(yy) <= 0.1)) & (np.maximum(np.abs(xx), np.abs(yy)) <= 0.36)
+    return ((np.abs(xx) <= 0.1) | (np.abs(yy) <= 0.1)) & (
+      np.maximum(np.abs(xx), np.abs(yy)) <= 0.36
+    )
   if symbol == "bar":
     return (np.abs(yy) <= 0.12) & (np.abs(xx) <= 0.36)
   raise ValueError(f"unknown symbol {symbol!r}; known: {SYMBOLS}")
@@ -356,9 +368,10 @@ def needle_video_plan(settings: NeedleSettings, split: str, index: int) -> dict:
   side = max(6, int(round(settings.card_fraction * size)))
   colours = list(NEEDLE_COLORS)
   picked = rng.permutation(len(colours))
-  needle_colours = [colours[i] for i in picked[:settings.needles]]
-  distractor_colours = [colours[i] for i in picked[settings.needles:
-                                                   settings.needles + settings.distractors]]
+  needle_colours = [colours[i] for i in picked[: settings.needles]]
+  distractor_colours = [
+    colours[i] for i in picked[settings.needles : settings.needles + settings.distractors]
+  ]
   # One needle per equal slot of the timeline, in a random order: never two at once.
   slot = frames // settings.needles
   order = rng.permutation(settings.needles)
@@ -366,8 +379,14 @@ def needle_video_plan(settings: NeedleSettings, split: str, index: int) -> dict:
   for colour, slot_index in zip(needle_colours, order):
     start = int(slot_index * slot + rng.integers(0, slot - length + 1))
     top, left = (int(v) for v in rng.integers(0, size - side + 1, 2))
-    needles.append({"color": colour, "symbol": SYMBOLS[int(rng.integers(len(SYMBOLS)))],
-                    "frames": [start, start + length], "box": [top, left, top + side, left + side]})
+    needles.append(
+      {
+        "color": colour,
+        "symbol": SYMBOLS[int(rng.integers(len(SYMBOLS)))],
+        "frames": [start, start + length],
+        "box": [top, left, top + side, left + side],
+      }
+    )
   grey = np.full(3, 128.0)
   distractors = []
   for colour in distractor_colours:
@@ -375,30 +394,50 @@ def needle_video_plan(settings: NeedleSettings, split: str, index: int) -> dict:
     start = int(rng.integers(0, max(1, frames - span)))
     top, left = (int(v) for v in rng.integers(0, size - side + 1, 2))
     rgb = grey + settings.distractor_alike * (np.asarray(NEEDLE_COLORS[colour]) - grey)
-    distractors.append({"rgb": [int(round(c)) for c in rgb],
-                        "symbol": SYMBOLS[int(rng.integers(len(SYMBOLS)))],
-                        "frames": [start, min(frames, start + span)],
-                        "box": [top, left, top + side, left + side]})
+    distractors.append(
+      {
+        "rgb": [int(round(c)) for c in rgb],
+        "symbol": SYMBOLS[int(rng.integers(len(SYMBOLS)))],
+        "frames": [start, min(frames, start + span)],
+        "box": [top, left, top + side, left + side],
+      }
+    )
   questions = []
   for needle in needles:
     options = [str(o) for o in rng.permutation(SYMBOLS)]
-    questions.append({"question": f"Which symbol is on the {needle['color']} card?",
-                      "options": options, "answer": needle["symbol"],
-                      "answer_index": options.index(needle["symbol"])})
-  return {"phase": float(rng.uniform(0, 2 * np.pi)),
-          "tint": [float(v) for v in rng.uniform(-10, 10, 3)],
-          "needles": needles, "distractors": distractors, "questions": questions}
+    questions.append(
+      {
+        "question": f"Which symbol is on the {needle['color']} card?",
+        "options": options,
+        "answer": needle["symbol"],
+        "answer_index": options.index(needle["symbol"]),
+      }
+    )
+  return {
+    "phase": float(rng.uniform(0, 2 * np.pi)),
+    "tint": [float(v) for v in rng.uniform(-10, 10, 3)],
+    "needles": needles,
+    "distractors": distractors,
+    "questions": questions,
+  }
 
 
 def render_needle_video(settings: NeedleSettings, plan: dict):
   """The frames of a planned video, one uint8[size, size, 3] at a time."""
   tint = np.asarray(plan["tint"], np.float32)
-  cards = [(d["frames"], d["box"], card_image(d["rgb"], d["symbol"], d["box"][2] - d["box"][0]))
-           for d in plan["distractors"]]
+  cards = [
+    (d["frames"], d["box"], card_image(d["rgb"], d["symbol"], d["box"][2] - d["box"][0]))
+    for d in plan["distractors"]
+  ]
   # Needles last: a distractor never hides one.
-  cards += [(n["frames"], n["box"], card_image(NEEDLE_COLORS[n["color"]], n["symbol"],
-                                               n["box"][2] - n["box"][0]))
-            for n in plan["needles"]]
+  cards += [
+    (
+      n["frames"],
+      n["box"],
+      card_image(NEEDLE_COLORS[n["color"]], n["symbol"], n["box"][2] - n["box"][0]),
+    )
+    for n in plan["needles"]
+  ]
   for i in range(settings.num_frames):
     frame = muted_background(i / settings.fps, settings.size, plan["phase"], tint)
     for (start, stop), (top, left, bottom, right), card in cards:
@@ -407,8 +446,13 @@ def render_needle_video(settings: NeedleSettings, plan: dict):
     yield frame
 
 
-def write_needle_benchmark(root: str, splits: dict[str, int], settings: NeedleSettings = NeedleSettings(),
-                           *, progress: bool = True) -> dict[str, str]:
+def write_needle_benchmark(
+  root: str,
+  splits: dict[str, int],
+  settings: NeedleSettings = NeedleSettings(),
+  *,
+  progress: bool = True,
+) -> dict[str, str]:
   """Writes the needle benchmark under `root`; returns {split: path of its JSONL}.
 
   root/videos/<split>-<index>.mp4 and root/<split>.jsonl, one line per question in the
@@ -428,11 +472,14 @@ def write_needle_benchmark(root: str, splits: dict[str, int], settings: NeedleSe
     with open(manifest_path) as f:
       existing = json.load(f)
     if existing["settings"] != manifest["settings"]:
-      raise ValueError(f"{root} holds a needle benchmark with other settings "
-                       f"({existing['settings']}); use another directory")
+      raise ValueError(
+        f"{root} holds a needle benchmark with other settings "
+        f"({existing['settings']}); use another directory"
+      )
     if existing["splits"] == manifest["splits"] and all(map(os.path.exists, paths.values())):
       return paths
   from tqdm import tqdm
+
   jobs = [(split, i) for split, count in splits.items() for i in range(count)]
   lines: dict[str, list[dict]] = {split: [] for split in splits}
   for split, i in tqdm(jobs, desc="needle videos", disable=not progress, leave=False):
@@ -446,14 +493,26 @@ def write_needle_benchmark(root: str, splits: dict[str, int], settings: NeedleSe
       os.replace(tmp, path)
     for q, (needle, question) in enumerate(zip(plan["needles"], plan["questions"])):
       start, stop = needle["frames"]
-      lines[split].append({
-          "qid": f"{video_id}-q{q}", "video_id": video_id, "video": relative, **question,
-          "category": {"color": needle["color"]}, "duration_s": settings.duration_s,
-          "fps": settings.fps, "num_frames": settings.num_frames,
-          "needle": {"color": needle["color"], "rgb": list(NEEDLE_COLORS[needle["color"]]),
-                     "symbol": needle["symbol"], "frames": [start, stop],
-                     "seconds": [start / settings.fps, stop / settings.fps],
-                     "box": needle["box"]}})
+      lines[split].append(
+        {
+          "qid": f"{video_id}-q{q}",
+          "video_id": video_id,
+          "video": relative,
+          **question,
+          "category": {"color": needle["color"]},
+          "duration_s": settings.duration_s,
+          "fps": settings.fps,
+          "num_frames": settings.num_frames,
+          "needle": {
+            "color": needle["color"],
+            "rgb": list(NEEDLE_COLORS[needle["color"]]),
+            "symbol": needle["symbol"],
+            "frames": [start, stop],
+            "seconds": [start / settings.fps, stop / settings.fps],
+            "box": needle["box"],
+          },
+        }
+      )
   for split, path in paths.items():
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -476,9 +535,17 @@ def candidate_relevance(item: dict, frame_indices) -> np.ndarray:
 
 # --- Training records as frame arrays (unit tests) ---
 
-def needle_records(num_videos: int, num_candidates: int, image_size: int, *,
-                   questions_per_video: int = 2, needle_frames: tuple[int, int] = (1, 3),
-                   padded_fraction: float = 0.25, seed: int = 0) -> list[dict]:
+
+def needle_records(
+  num_videos: int,
+  num_candidates: int,
+  image_size: int,
+  *,
+  questions_per_video: int = 2,
+  needle_frames: tuple[int, int] = (1, 3),
+  padded_fraction: float = 0.25,
+  seed: int = 0,
+) -> list[dict]:
   """Training records whose candidates are frame arrays: a drifting muted background, and
   one coloured square (a needle) per question, each visible in a short run of frames. The
   question names a colour; the labels are high on that needle's frames only (highest on the
@@ -502,8 +569,9 @@ def needle_records(num_videos: int, num_candidates: int, image_size: int, *,
     yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
     ramp = rng.uniform(-15, 15, 2)
     t = np.linspace(0, 1, n)
-    frames = ((base + drift * t[:, None])[:, None, None, :]
-              + (ramp[0] * yy + ramp[1] * xx)[None, :, :, None])
+    frames = (base + drift * t[:, None])[:, None, None, :] + (ramp[0] * yy + ramp[1] * xx)[
+      None, :, :, None
+    ]
     frames = np.clip(frames, 60, 170)
     frames[num_valid:] = 0
     colors = rng.choice(len(names), questions_per_video, replace=False)
@@ -520,7 +588,7 @@ def needle_records(num_videos: int, num_candidates: int, image_size: int, *,
         # The square is whole at the peak frame and half-size around it, so the label has
         # one best frame per question.
         s = side if f == peak else max(1, side // 2)
-        frames[f, y:y + s, x:x + s] = NEEDLE_COLORS[names[c]]
+        frames[f, y : y + s, x : x + s] = NEEDLE_COLORS[names[c]]
         spatial[f] = 0.9 if f == peak else 0.6
       runs.append((names[c], start, length, spatial * valid))
     frames = frames.astype(np.uint8)
@@ -529,20 +597,25 @@ def needle_records(num_videos: int, num_candidates: int, image_size: int, *,
     for color, start, length, spatial in runs:
       # Spatial: a soft "does this frame help" score per frame; temporal: listed frames get 1.
       temporal = np.zeros(n, np.float32)
-      temporal[start:start + length] = 1.0
+      temporal[start : start + length] = 1.0
       temporal = temporal * valid
       # Half the questions are multiple choice over the start frame.
       options = []
       if rng.random() < 0.5:
         options = sorted({start, *rng.integers(0, num_valid, 3).tolist()})
         options = [f"frame {o}" for o in options]
-      out.append({
-          "video_id": f"needle-{seed}-{v:05d}", "frames": frames,
-          "timestamps": timestamps.astype(np.float32), "valid": valid,
+      out.append(
+        {
+          "video_id": f"needle-{seed}-{v:05d}",
+          "frames": frames,
+          "timestamps": timestamps.astype(np.float32),
+          "valid": valid,
           "question": f"When does the {color} square appear?",
           "options": options,
           "answer": f"frames {start} to {start + length - 1}",
           "labels": ((spatial + temporal) / 2).astype(np.float32),
-          "spatial": spatial, "temporal": temporal.astype(np.float32),
-      })
+          "spatial": spatial,
+          "temporal": temporal.astype(np.float32),
+        }
+      )
   return out

@@ -5,6 +5,7 @@ random presets, which have no tokenizer on disk, use a built-in one (BUILTIN_TOK
 `ByteTokenizer` (UTF-8 bytes) or `WordHashTokenizer` (whole words, as a pretrained
 tokenizer's vocabulary would give), so demos and tests run anywhere without downloads.
 """
+
 from __future__ import annotations
 
 import re
@@ -47,8 +48,10 @@ class WordHashTokenizer:
     self.vocab_size = vocab_size
 
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    return [2 + zlib.crc32(piece.encode("utf-8")) % (self.vocab_size - 2)
-            for piece in self.PIECES.findall(text)]
+    return [
+      2 + zlib.crc32(piece.encode("utf-8")) % (self.vocab_size - 2)
+      for piece in self.PIECES.findall(text)
+    ]
 
 
 # Tokenizers a config or the API can name instead of a tokenizer directory.
@@ -86,8 +89,9 @@ def instruction_prompt(question: str, options: Sequence[str] = ()) -> str:
   return question_with_options(question, options) + "\nAnswer:"
 
 
-def tokenize_questions(tokenizer: Tokenizer, prompts: Sequence[str], max_length: int,
-                       vocab_size: int | None = None):
+def tokenize_questions(
+  tokenizer: Tokenizer, prompts: Sequence[str], max_length: int, vocab_size: int | None = None
+):
   """Right-padded (ids int32[b, max_length], mask int32[b, max_length]).
 
   A prompt longer than max_length is an error rather than silently truncated, and so is a
@@ -98,11 +102,15 @@ def tokenize_questions(tokenizer: Tokenizer, prompts: Sequence[str], max_length:
   for row, prompt in enumerate(prompts):
     tokens = tokenizer.encode(prompt, add_special_tokens=False)
     if len(tokens) > max_length:
-      raise ValueError(f"prompt {row} has {len(tokens)} tokens, more than max_length="
-                       f"{max_length}: {prompt[:80]!r}...")
+      raise ValueError(
+        f"prompt {row} has {len(tokens)} tokens, more than max_length="
+        f"{max_length}: {prompt[:80]!r}..."
+      )
     if vocab_size is not None and tokens and max(tokens) >= vocab_size:
-      raise ValueError(f"prompt {row} has token id {max(tokens)} >= the LLM's vocab_size "
-                       f"{vocab_size}: tokenizer and model do not match")
-    ids[row, :len(tokens)] = tokens
-    mask[row, :len(tokens)] = 1
+      raise ValueError(
+        f"prompt {row} has token id {max(tokens)} >= the LLM's vocab_size "
+        f"{vocab_size}: tokenizer and model do not match"
+      )
+    ids[row, : len(tokens)] = tokens
+    mask[row, : len(tokens)] = 1
   return ids, mask

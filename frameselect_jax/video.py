@@ -134,7 +134,9 @@ def decode_candidates(
   return _finish(path, n, size, result, allow_partial)
 
 
-def decode_frames(path, frame_indices, size: int | None = None, backend: str = "auto") -> np.ndarray:
+def decode_frames(
+  path, frame_indices, size: int | None = None, backend: str = "auto"
+) -> np.ndarray:
   """The given source frames of a video, uint8 [len(frame_indices), H, W, 3], in the order
   given (repeats allowed). size None keeps the video's resolution; an int squashes each
   frame to size x size, as `decode_candidates` does.
@@ -158,9 +160,12 @@ def decode_frames(path, frame_indices, size: int | None = None, backend: str = "
     return np.zeros((0, size or 0, size or 0, 3), np.uint8)
   result = _decode(path, pick, size, len(unique), backend)
   if result.failed:
-    listing = "; ".join(f"frame {result.frame_indices[i]}: {why}" for i, why in result.failed.items())
-    raise VideoError(f"{path}: {len(result.failed)} of {len(unique)} frames failed to decode "
-                     f"({listing})")
+    listing = "; ".join(
+      f"frame {result.frame_indices[i]}: {why}" for i, why in result.failed.items()
+    )
+    raise VideoError(
+      f"{path}: {len(result.failed)} of {len(unique)} frames failed to decode ({listing})"
+    )
   got = np.asarray(result.frame_indices)
   if not np.array_equal(got, unique):
     raise VideoError(f"{path}: asked for frames {unique.tolist()}, the stream gave {got.tolist()}")
@@ -294,7 +299,7 @@ def _decode_decord(path, pick, size, capacity) -> _Decoded:
         raise _OpenError(
           f"returns frames of shape {frame.shape} for size={size} "
           "(a decord resize bug at some sizes; use backend='pyav')"
-        )
+        ) from None
       frames[position] = frame
   return _Decoded(frames, times, indices, failed, duration, "decord")
 
@@ -324,8 +329,9 @@ def _decode_pyav(path, pick, size, capacity) -> _Decoded:
     total, keyframes = _frame_count_and_keyframes(container, stream, fps, start_s)
     duration = total / fps
     indices = pick(total)
-    height, width = (size, size) if size else (stream.codec_context.height,
-                                               stream.codec_context.width)
+    height, width = (
+      (size, size) if size else (stream.codec_context.height, stream.codec_context.width)
+    )
     frames = np.zeros((capacity, height, width, 3), np.uint8)
     times = indices / fps  # replaced by each decoded frame's own time
     got_indices = indices.copy()
@@ -414,4 +420,3 @@ def _frame_count_and_keyframes(container, stream, fps, start_s):
 
 
 _DECODERS = {"decord": _decode_decord, "pyav": _decode_pyav}
-

@@ -7,6 +7,7 @@ weights, pooling grid, compute dtype, image size), so a changed model never read
 tokens. Writes are atomic (temporary file, then rename): several processes may fill one
 directory at once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,6 +29,7 @@ def fingerprint(**parts) -> str:
 def arrays_fingerprint(tree) -> str:
   """A short hash of every array in a pytree (shapes, dtypes and bytes)."""
   import jax
+
   digest = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     array = np.asarray(jax.device_get(leaf))
@@ -77,9 +79,14 @@ class VisualTokenCache:
     os.replace(tmp, path)
 
 
-def fill(cache: VisualTokenCache, videos: Iterable[tuple[str, Callable[[], np.ndarray]]],
-         encode: Callable[[np.ndarray], np.ndarray], *, total: int | None = None,
-         show_progress: bool = True) -> int:
+def fill(
+  cache: VisualTokenCache,
+  videos: Iterable[tuple[str, Callable[[], np.ndarray]]],
+  encode: Callable[[np.ndarray], np.ndarray],
+  *,
+  total: int | None = None,
+  show_progress: bool = True,
+) -> int:
   """Encodes every video missing from the cache; returns how many were computed.
 
   videos: (video_id, load_frames) pairs, load_frames() -> uint8[n, H, W, 3];
@@ -87,8 +94,9 @@ def fill(cache: VisualTokenCache, videos: Iterable[tuple[str, Callable[[], np.nd
   """
   computed = 0
   seen = set()
-  for video_id, load_frames in tqdm(videos, total=total, desc="visual-token cache",
-                                    disable=not show_progress, leave=False):
+  for video_id, load_frames in tqdm(
+    videos, total=total, desc="visual-token cache", disable=not show_progress, leave=False
+  ):
     if video_id in seen or video_id in cache:
       seen.add(video_id)
       continue

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Hugging Face models built and saved by the tests themselves."""
+
 import os
 import sys
 
@@ -17,17 +18,34 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def tiny_qwen2_config(tie=False, kv_heads=2, layers=3, **overrides):
   from transformers import Qwen2Config
-  values = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
-                rope_theta=1e6, max_position_embeddings=256, rms_norm_eps=1e-6)
+
+  values = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=layers,
+    num_attention_heads=4,
+    num_key_value_heads=kv_heads,
+    tie_word_embeddings=tie,
+    rope_theta=1e6,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+  )
   values.update(overrides)
   return Qwen2Config(**values)
 
 
 def tiny_siglip_config(image_size=28, patch_size=4, **overrides):
   from transformers import SiglipVisionConfig
-  values = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                image_size=image_size, patch_size=patch_size)
+
+  values = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=image_size,
+    patch_size=patch_size,
+  )
   values.update(overrides)
   return SiglipVisionConfig(**values)
 
@@ -38,6 +56,7 @@ def save_random_qwen2(path, seed=0, std=0.2, **config):
   Weights are drawn with a larger std than the default so that layers really mix."""
   import torch
   from transformers import Qwen2ForCausalLM
+
   torch.manual_seed(seed)
   model = Qwen2ForCausalLM(tiny_qwen2_config(**config)).eval()
   with torch.no_grad():
@@ -54,11 +73,20 @@ def save_random_siglip(path, seed=0, full_model=False, **config):
   """A random SiglipVisionModel (or a whole SiglipModel, text tower included) saved to `path`."""
   import torch
   from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
+
   torch.manual_seed(seed)
   vision = tiny_siglip_config(**config)
   if full_model:
-    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                vocab_size=50, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    text = dict(
+      hidden_size=16,
+      intermediate_size=32,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      vocab_size=50,
+      bos_token_id=1,
+      eos_token_id=2,
+      pad_token_id=0,
+    )
     model = SiglipModel(SiglipConfig(vision_config=vision.to_dict(), text_config=text)).eval()
   else:
     model = SiglipVisionModel(vision).eval()
@@ -88,4 +116,5 @@ def siglip_dir(tmp_path_factory):
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "slow: an end-to-end run of a minute or more (still part of `make test`)")
+    "markers", "slow: an end-to-end run of a minute or more (still part of `make test`)"
+  )

@@ -1,4 +1,5 @@
 """The inference API (FrameSelector), the selection file, the plot and the `frameselect` command."""
+
 import json
 import os
 
@@ -8,8 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from frameselect_jax import cli, synthetic, text, video
-from frameselect_jax import selection_file
+from frameselect_jax import cli, selection_file, synthetic, text, video
 from frameselect_jax.api import FrameSelector
 
 N = 16  # candidates per video in these tests
@@ -21,8 +21,9 @@ def videos(tmp_path_factory):
   folder = tmp_path_factory.mktemp("videos")
   long = synthetic.needle_video(folder / "long.mp4", num_frames=48, fps=8, size=(64, 80), seed=1)
   other = synthetic.needle_video(folder / "other.mp4", num_frames=40, fps=8, size=(64, 64), seed=2)
-  short = synthetic.needle_video(folder / "short.mp4", num_frames=10, fps=8, size=(64, 64),
-                                 needle_start=3, seed=3)
+  short = synthetic.needle_video(
+    folder / "short.mp4", num_frames=10, fps=8, size=(64, 64), needle_start=3, seed=3
+  )
   return {"long": long.path, "other": other.path, "short": short.path}
 
 
@@ -45,9 +46,13 @@ def test_select_returns_k_sorted_unique_valid_frames_and_all_scores(selector, vi
 
 def test_select_many_equals_select_and_encodes_each_video_once(videos):
   batched = FrameSelector.random(num_candidates=N)
-  pairs = [(videos["long"], QUESTION), (videos["other"], "What colour is the square?"),
-           (videos["long"], "Where is the square?", ["left", "right"]),
-           (videos["other"], QUESTION), (videos["long"], "Is anything red in the video?")]
+  pairs = [
+    (videos["long"], QUESTION),
+    (videos["other"], "What colour is the square?"),
+    (videos["long"], "Where is the square?", ["left", "right"]),
+    (videos["other"], QUESTION),
+    (videos["long"], "Is anything red in the video?"),
+  ]
   results = batched.select_many(pairs, k=4, batch_size=3)
   assert batched.encode_calls == 2  # two videos, five questions
   single = FrameSelector.random(num_candidates=N)
@@ -74,15 +79,16 @@ def test_the_cache_is_lru_and_bounded(videos):
 
 
 def test_json_record_round_trips(selector, videos, tmp_path):
-  results = [selector.select(videos["long"], QUESTION, k=4),
-             selector.select(videos["short"], QUESTION, k=4, strategy="top_k")]
+  results = [
+    selector.select(videos["long"], QUESTION, k=4),
+    selector.select(videos["short"], QUESTION, k=4, strategy="top_k"),
+  ]
   records = [r.to_json() for r in results] + [results[0].to_json(qid="q7", video_id="vid")]
   path = tmp_path / "selection.jsonl"
   assert selection_file.write(str(path), records) == 3
   assert selection_file.read(str(path)) == records
   record = records[0]
-  assert set(record) == {"qid", "video_id", "strategy", "n", "k", "indices", "timestamps",
-                         "scores"}
+  assert set(record) == {"qid", "video_id", "strategy", "n", "k", "indices", "timestamps", "scores"}
   assert record["video_id"] == "long" and record["n"] == N and record["k"] == 4
   assert record["indices"] == results[0].indices.tolist()
   np.testing.assert_allclose(record["timestamps"], results[0].timestamps, atol=1e-6)
@@ -109,8 +115,9 @@ def test_scores_of_real_frames_do_not_depend_on_padding_frames(selector, videos)
   entry = selector.visual_tokens(videos["short"])
   prompt = text.question_prompt(QUESTION)
   noisy = entry._replace(tokens=entry.tokens.at[:, 10:].set(5.0))
-  np.testing.assert_allclose(selector.score([noisy], [prompt])[0, :10],
-                             selector.score([entry], [prompt])[0, :10], atol=1e-5)
+  np.testing.assert_allclose(
+    selector.score([noisy], [prompt])[0, :10], selector.score([entry], [prompt])[0, :10], atol=1e-5
+  )
 
 
 def test_wrong_n_and_bad_arguments_are_errors(selector, videos):
@@ -128,6 +135,7 @@ def test_wrong_n_and_bad_arguments_are_errors(selector, videos):
 
 # --- Hugging Face directories and training checkpoints ---
 
+
 class SmallVocabTokenizer:
   """Bytes folded into the 97-token vocabulary of the tiny random Qwen2 (conftest)."""
 
@@ -137,8 +145,9 @@ class SmallVocabTokenizer:
 
 def test_from_hf_with_tiny_random_checkpoints(qwen2_dir, siglip_dir, videos):
   llm_dir, vision_dir = qwen2_dir, siglip_dir
-  selector = FrameSelector.from_hf(llm_dir, vision_dir, num_candidates=N,
-                                   tokenizer=SmallVocabTokenizer())
+  selector = FrameSelector.from_hf(
+    llm_dir, vision_dir, num_candidates=N, tokenizer=SmallVocabTokenizer()
+  )
   assert not selector.trained and "untrained" in selector.description
   assert selector.image_size == 28
   result = selector.select(videos["long"], QUESTION, k=4)
@@ -151,12 +160,18 @@ def test_from_hf_with_tiny_random_checkpoints(qwen2_dir, siglip_dir, videos):
 def _save_trainer_checkpoint(directory, config, params, step=3):
   """A checkpoint as the trainer writes it (frameselect_jax.checkpoint.Checkpointer)."""
   import grain
+
   from frameselect_jax import checkpoint as ckpt
+
   checkpointer = ckpt.Checkpointer(str(directory), save_every=1, keep=1, async_save=False)
-  checkpointer.save(step, params=params, opt_state={"count": jnp.zeros(())},
-                    data_iterator=iter(grain.MapDataset.range(4).to_iter_dataset()),
-                    meta={"config": config.to_json(), "config_stage": config.stage,
-                          "step": step}, force=True)
+  checkpointer.save(
+    step,
+    params=params,
+    opt_state={"count": jnp.zeros(())},
+    data_iterator=iter(grain.MapDataset.range(4).to_iter_dataset()),
+    meta={"config": config.to_json(), "config_stage": config.stage, "step": step},
+    force=True,
+  )
   checkpointer.close()
 
 
@@ -167,14 +182,17 @@ def stage2_run(tmp_path_factory):
   from configs import stage2
   from frameselect_jax import experiment
   from train import modeling
+
   config = stage2.get_config("tiny")
   model = experiment.build_model(config)
   graphdef, params, frozen = modeling.split(model, config)
   params = nnx.to_pure_dict(params)
   keys = iter(jax.random.split(jax.random.key(7), 1000))
   params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), params)
-  frozen = jax.tree.map(lambda x: x.astype(experiment.frozen_dtype(config.model.frozen_dtype)(x)),
-                        nnx.to_pure_dict(frozen))
+  frozen = jax.tree.map(
+    lambda x: x.astype(experiment.frozen_dtype(config.model.frozen_dtype)(x)),
+    nnx.to_pure_dict(frozen),
+  )
   workdir = tmp_path_factory.mktemp("stage2")
   _save_trainer_checkpoint(workdir / "checkpoints", config, params)
   return workdir, config, params, nnx.merge(graphdef, nnx.State(params), nnx.State(frozen))
@@ -198,6 +216,7 @@ def test_from_checkpoint_rebuilds_the_trained_model(stage2_run, videos):
     for key in path:
       node = node[key.key]
     np.testing.assert_array_equal(np.asarray(node), np.asarray(saved))
+
   jax.tree_util.tree_map_with_path(exactly_restored, params)
   result = selector.select(videos["long"], QUESTION, k=4)
   assert len(result.indices) == 4
@@ -212,11 +231,15 @@ def test_incompatible_checkpoints_are_clear_errors(stage2_run, tmp_path):
     other.model.num_candidates = 32  # the saved score head has 16 outputs
   _save_trainer_checkpoint(tmp_path / "mismatch", other, params)
   # named before any read starts (an orbax restore failing part-way leaves reads in flight)
-  with pytest.raises(ValueError, match=r"does not match.*\['score_head'\].* has shape "
-                                       r"\((\d+, )?16,?\), the model expects \((\d+, )?32,?\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"does not match.*\['score_head'\].* has shape "
+    r"\((\d+, )?16,?\), the model expects \((\d+, )?32,?\)",
+  ):
     FrameSelector.from_checkpoint(str(tmp_path / "mismatch"))
   # restore_params itself: a parameter the checkpoint lacks is named too
   from frameselect_jax import checkpoint as ckpt
+
   _save_trainer_checkpoint(tmp_path / "same", config, params)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   abstract["score_head"]["extra"] = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -236,6 +259,7 @@ def test_incompatible_checkpoints_are_clear_errors(stage2_run, tmp_path):
 
 # --- the command ---
 
+
 def test_cli_select_prints_timestamps_and_json(videos, capsys):
   assert cli.main(["select", videos["long"], QUESTION, "-k", "4", "-n", str(N)]) == 0
   out, err = capsys.readouterr()
@@ -243,8 +267,25 @@ def test_cli_select_prints_timestamps_and_json(videos, capsys):
   timestamps = [float(t) for t in out.strip().splitlines()[-1].split(":")[1].split()]
   assert len(timestamps) == 4 and timestamps == sorted(timestamps)
 
-  assert cli.main(["select", videos["long"], QUESTION, "-k", "4", "-n", str(N), "--json",
-                   "--option", "early", "--option", "late"]) == 0
+  assert (
+    cli.main(
+      [
+        "select",
+        videos["long"],
+        QUESTION,
+        "-k",
+        "4",
+        "-n",
+        str(N),
+        "--json",
+        "--option",
+        "early",
+        "--option",
+        "late",
+      ]
+    )
+    == 0
+  )
   record = json.loads(capsys.readouterr().out)
   assert record["k"] == 4 and record["n"] == N and len(record["indices"]) == 4
   assert record["strategy"] == "nms_greedy" and len(record["scores"]) == N
@@ -252,9 +293,12 @@ def test_cli_select_prints_timestamps_and_json(videos, capsys):
 
 def test_cli_plot_writes_a_png(videos, tmp_path, capsys):
   import matplotlib.image
+
   out = tmp_path / "plot.png"
-  assert cli.main(["select", videos["short"], QUESTION, "-k", "4", "-n", str(N),
-                   "--plot", str(out)]) == 0
+  assert (
+    cli.main(["select", videos["short"], QUESTION, "-k", "4", "-n", str(N), "--plot", str(out)])
+    == 0
+  )
   image = matplotlib.image.imread(out)
   height, width = image.shape[:2]
   assert image.shape[2] in (3, 4) and 250 <= height <= 1500 and 700 <= width <= 1600
@@ -262,11 +306,11 @@ def test_cli_plot_writes_a_png(videos, tmp_path, capsys):
 
 def test_cli_errors_are_one_clear_line(videos, tmp_path, capsys):
   cases = [
-      (["select", str(tmp_path / "missing.mp4"), QUESTION], "missing.mp4"),
-      (["select", videos["long"], QUESTION, "--checkpoint", str(tmp_path / "nockpt")], "nockpt"),
-      (["select", videos["long"], QUESTION, "--checkpoint", str(tmp_path)], "holds no checkpoint"),
-      (["select", videos["long"], QUESTION, "-n", str(N), "-k", "99"], "k must be"),
-      (["select", videos["long"], QUESTION, "--llm", str(tmp_path)], "--vision"),
+    (["select", str(tmp_path / "missing.mp4"), QUESTION], "missing.mp4"),
+    (["select", videos["long"], QUESTION, "--checkpoint", str(tmp_path / "nockpt")], "nockpt"),
+    (["select", videos["long"], QUESTION, "--checkpoint", str(tmp_path)], "holds no checkpoint"),
+    (["select", videos["long"], QUESTION, "-n", str(N), "-k", "99"], "k must be"),
+    (["select", videos["long"], QUESTION, "--llm", str(tmp_path)], "--vision"),
   ]
   for argv, expected in cases:
     assert cli.main(argv) == 2, argv

@@ -1,4 +1,5 @@
 """video.decode_frames: any source frames of a video, by index, from both backends."""
+
 import numpy as np
 import pytest
 
@@ -8,8 +9,9 @@ from frameselect_jax import synthetic, video
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("clip") / "needle.mp4")
-  return synthetic.needle_video(path, num_frames=24, fps=8, size=(48, 64), needle_start=10,
-                                needle_len=3, seed=4)
+  return synthetic.needle_video(
+    path, num_frames=24, fps=8, size=(48, 64), needle_start=10, needle_len=3, seed=4
+  )
 
 
 @pytest.mark.parametrize("backend", ["pyav", "decord"])

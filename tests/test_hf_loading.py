@@ -1,4 +1,5 @@
 """hf.py: clear errors on bad checkpoints, presets vs config.json, selector assembly, tokenizer."""
+
 import json
 import os
 import shutil
@@ -6,12 +7,11 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from conftest import save_random_qwen2
 from safetensors.numpy import load_file, save_file
 
-from conftest import save_random_qwen2
-from frameselect_jax.models import presets
 from frameselect_jax import experiment, hf
+from frameselect_jax.models import presets
 
 
 def _copy(src, dst):
@@ -83,10 +83,16 @@ def test_config_json_wins_over_preset(qwen2_dir):
 
 def test_preset_used_when_directory_has_no_config(tmp_path):
   tiny = presets.QWEN2["tiny"]
-  save_random_qwen2(str(tmp_path), vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size,
-                    intermediate_size=tiny.intermediate_size, layers=tiny.num_hidden_layers,
-                    num_attention_heads=tiny.num_attention_heads,
-                    kv_heads=tiny.num_key_value_heads, tie=tiny.tie_word_embeddings)
+  save_random_qwen2(
+    str(tmp_path),
+    vocab_size=tiny.vocab_size,
+    hidden_size=tiny.hidden_size,
+    intermediate_size=tiny.intermediate_size,
+    layers=tiny.num_hidden_layers,
+    num_attention_heads=tiny.num_attention_heads,
+    kv_heads=tiny.num_key_value_heads,
+    tie=tiny.tie_word_embeddings,
+  )
   os.remove(os.path.join(tmp_path, "config.json"))
   assert hf.load_qwen2(str(tmp_path), preset_name="tiny").config == tiny
   with pytest.raises(ValueError, match="does not match the model"):
@@ -106,12 +112,15 @@ def test_published_presets():
 
 def test_selector_from_hf_uses_checkpoints_and_fresh_head(qwen2_dir, siglip_dir):
   llm = hf.load_qwen2(qwen2_dir)
-  cfg = experiment.selector_config(dict(llm_dir=qwen2_dir, vision_dir=siglip_dir,
-                                        num_candidates=6, pool_grid=3))
+  cfg = experiment.selector_config(
+    dict(llm_dir=qwen2_dir, vision_dir=siglip_dir, num_candidates=6, pool_grid=3)
+  )
   assert cfg.llm == llm.config
   selector = hf.selector_from_hf(cfg, qwen2_dir, siglip_dir)
-  np.testing.assert_array_equal(selector.llm.model.layers[2].mlp.up_proj.kernel[...],
-                                llm.model.layers[2].mlp.up_proj.kernel[...])
+  np.testing.assert_array_equal(
+    selector.llm.model.layers[2].mlp.up_proj.kernel[...],
+    llm.model.layers[2].mlp.up_proj.kernel[...],
+  )
   assert selector.score_head.linear_2.kernel[...].shape == (64, 6)
   frames = jnp.zeros((1, 6, 28, 28, 3))
   ids, mask = jnp.array([[3, 4, 5]]), jnp.ones((1, 3), jnp.int32)
@@ -122,12 +131,20 @@ def test_selector_from_hf_uses_checkpoints_and_fresh_head(qwen2_dir, siglip_dir)
 def test_tokenizer_loads_from_local_directory(tmp_path):
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
+
   vocab = {"[UNK]": 0, "what": 1, "is": 2, "the": 3, "boy": 4, "holding": 5, "?": 6}
   raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
   raw.pre_tokenizer = pre_tokenizers.Whitespace()
   PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(str(tmp_path))
   tokenizer = hf.load_tokenizer(str(tmp_path))
-  assert tokenizer.encode("what is the boy holding ?", add_special_tokens=False) == [1, 2, 3, 4, 5, 6]
+  assert tokenizer.encode("what is the boy holding ?", add_special_tokens=False) == [
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+  ]
   with pytest.raises(FileNotFoundError):
     hf.load_tokenizer(str(tmp_path / "missing"))
   empty = tmp_path / "no_tokenizer_files"
@@ -140,9 +157,16 @@ def test_tokenizer_loads_from_local_directory(tmp_path):
 def test_loading_does_not_import_torch(qwen2_dir, siglip_dir):
   import subprocess
   import sys
-  code = (f"import sys; from frameselect_jax import hf; hf.load_qwen2({qwen2_dir!r}); "
-          f"hf.load_siglip({siglip_dir!r}); assert 'torch' not in sys.modules, 'torch imported'")
+
+  code = (
+    f"import sys; from frameselect_jax import hf; hf.load_qwen2({qwen2_dir!r}); "
+    f"hf.load_siglip({siglip_dir!r}); assert 'torch' not in sys.modules, 'torch imported'"
+  )
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=repo))
+  result = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=repo),
+  )
   assert result.returncode == 0, result.stderr

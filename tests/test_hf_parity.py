@@ -1,4 +1,5 @@
 """Numerical parity with transformers (PyTorch, fp32, CPU) for checkpoints loaded through hf.py."""
+
 import os
 
 import jax
@@ -6,12 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import save_random_qwen2, save_random_siglip
 from flax import nnx
 
-from conftest import save_random_qwen2, save_random_siglip
-from frameselect_jax import experiment
+from frameselect_jax import experiment, hf
 from frameselect_jax.models import presets
-from frameselect_jax import hf
 from frameselect_jax.models.layers import add_lora
 from frameselect_jax.models.siglip import adaptive_avg_pool
 
@@ -20,15 +20,21 @@ ATOL = 1e-4
 
 def _torch_qwen2_outputs(model, ids, mask=None):
   with torch.no_grad():
-    out = model(torch.as_tensor(ids), attention_mask=None if mask is None else torch.as_tensor(mask),
-                output_hidden_states=True)
+    out = model(
+      torch.as_tensor(ids),
+      attention_mask=None if mask is None else torch.as_tensor(mask),
+      output_hidden_states=True,
+    )
   return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
 
 
 def _assert_qwen2_parity(model_dir, torch_model, ids, mask=None):
   ours = hf.load_qwen2(model_dir)
-  logits, hidden = ours(jnp.asarray(ids), attention_mask=None if mask is None else jnp.asarray(mask),
-                        output_hidden_states=True)
+  logits, hidden = ours(
+    jnp.asarray(ids),
+    attention_mask=None if mask is None else jnp.asarray(mask),
+    output_hidden_states=True,
+  )
   ref_logits, ref_hidden = _torch_qwen2_outputs(torch_model, ids, mask)
   keep = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
   assert len(hidden) == len(ref_hidden) == torch_model.config.num_hidden_layers + 1
@@ -59,7 +65,7 @@ def test_qwen2_padded_batch_matches(tmp_path, side):
     if side == "right":
       mask[row, :n] = 1
     else:
-      mask[row, 10 - n:] = 1
+      mask[row, 10 - n :] = 1
   _assert_qwen2_parity(str(tmp_path), torch_model, ids, mask)
 
 
@@ -85,8 +91,9 @@ def test_qwen2_bfloat16_checkpoint_loads_without_torch_dtype_support(tmp_path):
 @pytest.mark.parametrize("image_size,patch_size", [(28, 4), (30, 7)])
 def test_siglip_last_hidden_state_matches(tmp_path, full_model, image_size, patch_size):
   """(30, 7) leaves 2 pixels that fill no patch, as so400m's 384 / 14 does."""
-  torch_model = save_random_siglip(str(tmp_path), full_model=full_model, image_size=image_size,
-                                   patch_size=patch_size)
+  torch_model = save_random_siglip(
+    str(tmp_path), full_model=full_model, image_size=image_size, patch_size=patch_size
+  )
   tower = torch_model.vision_model if full_model else torch_model
   pixels = torch.randn(3, 3, image_size, image_size)
   with torch.no_grad():
@@ -101,7 +108,8 @@ def test_siglip_last_hidden_state_matches(tmp_path, full_model, image_size, patc
 def test_pooling_matches_torch_adaptive_avg_pool2d(grid, out_grid):
   tokens = torch.randn(2, grid * grid, 7)
   ref = torch.nn.functional.adaptive_avg_pool2d(
-      tokens.reshape(2, grid, grid, 7).permute(0, 3, 1, 2), out_grid)
+    tokens.reshape(2, grid, grid, 7).permute(0, 3, 1, 2), out_grid
+  )
   ref = ref.permute(0, 2, 3, 1).reshape(2, out_grid * out_grid, 7).numpy()
   ours = adaptive_avg_pool(jnp.asarray(tokens.numpy()), grid, out_grid)
   assert np.abs(np.asarray(ours) - ref).max() <= 1e-6
@@ -114,6 +122,7 @@ def test_pooling_rejects_grid_larger_than_patch_grid():
 
 def _assert_export_reloads_with_same_logits(ours, directory):
   from transformers import Qwen2ForCausalLM
+
   hf.save_qwen2(ours, directory)
   reloaded = Qwen2ForCausalLM.from_pretrained(directory).eval()
   ids = np.random.default_rng(3).integers(0, 97, (2, 9))
@@ -144,8 +153,11 @@ def _torch_param_count(model):
 
 def _hf_qwen2_config(cfg):
   from transformers import Qwen2Config
+
   values = hf.qwen2_config_to_hf(cfg)
-  return Qwen2Config(**{k: v for k, v in values.items() if k not in ("architectures", "torch_dtype")})
+  return Qwen2Config(
+    **{k: v for k, v in values.items() if k not in ("architectures", "torch_dtype")}
+  )
 
 
 def _nnx_param_count(state):
@@ -155,13 +167,21 @@ def _nnx_param_count(state):
 def test_real_size_selector_param_counts_equal_transformers():
   """Qwen2.5-1.5B + SigLIP so400m built abstractly (no memory) against transformers on meta."""
   from transformers import Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
   from frameselect_jax.models.selector import Selector
+
   cfg = experiment.selector_config(dict(llm="qwen2.5-1.5b", vision="siglip-so400m-patch14-384"))
   selector = nnx.eval_shape(lambda: Selector(cfg, rngs=nnx.Rngs(0)))
   llm_cfg = _hf_qwen2_config(cfg.llm)
-  vision_cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                  num_attention_heads=16, image_size=384, patch_size=14,
-                                  vision_use_head=False)
+  vision_cfg = SiglipVisionConfig(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+    vision_use_head=False,
+  )
   with torch.device("meta"):
     torch_llm = Qwen2ForCausalLM(llm_cfg)
     torch_vision = SiglipVisionModel(vision_cfg)
@@ -175,7 +195,9 @@ def test_real_size_selector_param_counts_equal_transformers():
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen2.5-7b"])
 def test_other_llm_presets_param_counts_equal_transformers(name):
   from transformers import Qwen2ForCausalLM
+
   from frameselect_jax.models.qwen2 import Qwen2ForCausalLM as Ours
+
   cfg = presets.QWEN2[name]
   ours = nnx.eval_shape(lambda: Ours(cfg, rngs=nnx.Rngs(0)))
   with torch.device("meta"):
@@ -186,8 +208,11 @@ def test_other_llm_presets_param_counts_equal_transformers(name):
 @pytest.mark.parametrize("name", ["siglip-base-patch16-224", "siglip-large-patch16-256"])
 def test_other_siglip_presets_param_counts_equal_transformers(name):
   import dataclasses
+
   from transformers import SiglipVisionConfig, SiglipVisionModel
+
   from frameselect_jax.models.siglip import SiglipVisionModel as Ours
+
   cfg = presets.SIGLIP[name]
   ours = nnx.eval_shape(lambda: Ours(cfg, rngs=nnx.Rngs(0)))
   with torch.device("meta"):

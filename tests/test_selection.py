@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from frameselect_jax import selection
 
@@ -215,9 +216,9 @@ def test_shape_errors():
 
 def test_recall_and_hit_on_hand_worked_cases():
   relevant = np.zeros((4, 10), bool)
-  relevant[0, [2, 3]] = True      # two relevant, both chosen
-  relevant[1, [2, 3, 7]] = True   # three relevant, k=2 picks can hold two; one chosen
-  relevant[2, [9]] = True         # one relevant, missed
+  relevant[0, [2, 3]] = True  # two relevant, both chosen
+  relevant[1, [2, 3, 7]] = True  # three relevant, k=2 picks can hold two; one chosen
+  relevant[2, [9]] = True  # one relevant, missed
   chosen = np.array([[2, 3], [3, 5], [0, 1], [4, -1]], np.int32)
   recall = np.asarray(selection.recall_at_k(chosen, relevant))
   hit = np.asarray(selection.hit_at_k(chosen, relevant))

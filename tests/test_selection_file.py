@@ -1,5 +1,6 @@
 """The selection file: its reader checks every line and names the bad one; its writer leaves
 whole lines only; reading it never imports JAX."""
+
 import json
 import os
 import subprocess
@@ -9,9 +10,16 @@ import pytest
 
 from frameselect_jax import jsonl, selection_file
 
-GOOD = {"qid": "q1", "video_id": "v1", "strategy": "nms_greedy", "n": 8, "k": 3,
-        "indices": [0, 4, 7], "timestamps": [0.5, 4.5, 7.5],
-        "scores": [0.1, None, 0.3, 0.0, 2.0, -1.0, 0.2, 0.9]}
+GOOD = {
+  "qid": "q1",
+  "video_id": "v1",
+  "strategy": "nms_greedy",
+  "n": 8,
+  "k": 3,
+  "indices": [0, 4, 7],
+  "timestamps": [0.5, 4.5, 7.5],
+  "scores": [0.1, None, 0.3, 0.0, 2.0, -1.0, 0.2, 0.9],
+}
 
 
 def test_round_trip_and_append(tmp_path):
@@ -23,7 +31,9 @@ def test_round_trip_and_append(tmp_path):
   assert selection_file.read(path) == [GOOD, second]
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     ({"indices": [4, 0, 7]}, "sorted and unique"),
     ({"indices": [0, 4, 4]}, "sorted and unique"),
     ({"indices": [0, 4, 8]}, "must lie in [0, n=8)"),
@@ -34,7 +44,8 @@ def test_round_trip_and_append(tmp_path):
     ({"n": 0}, "n must be an integer >= 1"),
     ({"qid": ""}, "qid must be a non-empty string"),
     ({"indices": [0, 1.5, 7]}, "indices must be a list of integers"),
-])
+  ],
+)
 def test_a_bad_line_is_named_by_file_and_line(tmp_path, change, message):
   path = tmp_path / "sel.jsonl"
   lines = [json.dumps(GOOD), "", json.dumps(dict(GOOD, **change))]
@@ -51,7 +62,7 @@ def test_missing_field_and_broken_json_are_named(tmp_path):
   path.write_text(json.dumps(GOOD) + "\n" + json.dumps(record) + "\n")
   with pytest.raises(jsonl.JsonlError, match=r"sel.jsonl:2: missing fields \['timestamps'\]"):
     selection_file.read(str(path))
-  path.write_text(json.dumps(GOOD) + "\n{\"qid\": \n")
+  path.write_text(json.dumps(GOOD) + '\n{"qid": \n')
   with pytest.raises(jsonl.JsonlError, match=r"sel.jsonl:2: not valid JSON"):
     selection_file.read(str(path))
 
@@ -75,10 +86,16 @@ def test_a_half_line_left_by_a_killed_writer_is_cut_before_appending(tmp_path):
 def test_reading_a_selection_file_does_not_import_jax(tmp_path):
   path = str(tmp_path / "sel.jsonl")
   selection_file.write(path, [GOOD])
-  code = ("import sys; from frameselect_jax import selection_file; "
-          f"selection_file.read({path!r}); "
-          "print(sorted(m for m in ('jax', 'flax', 'frameselect_jax.api') if m in sys.modules))")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
-                           os.path.abspath(__file__)))})
+  code = (
+    "import sys; from frameselect_jax import selection_file; "
+    f"selection_file.read({path!r}); "
+    "print(sorted(m for m in ('jax', 'flax', 'frameselect_jax.api') if m in sys.modules))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    check=True,
+    env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
+  )
   assert out.stdout.strip() == "[]"

@@ -1,5 +1,4 @@
 """Selector behaviour: batching, masking, the penultimate-block read-out, LoRA, axes, dtypes."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +8,8 @@ from flax import nnx
 
 from frameselect_jax import experiment
 from frameselect_jax.models import presets
-from frameselect_jax import hf
-from frameselect_jax.models.layers import Dense, add_lora, merge_lora
-from frameselect_jax.models.selector import Selector, SelectorConfig
+from frameselect_jax.models.layers import add_lora, merge_lora
+from frameselect_jax.models.selector import Selector
 
 N = 6
 
@@ -56,8 +54,12 @@ def test_each_question_scores_as_if_alone(selector, visual_tokens):
   ids, mask = _questions(lengths, 12)
   batched = score(selector, visual_tokens, ids, mask)
   for row, length in enumerate(lengths):
-    alone = score(selector, visual_tokens[row:row + 1], ids[row:row + 1, :length],
-                           mask[row:row + 1, :length])
+    alone = score(
+      selector,
+      visual_tokens[row : row + 1],
+      ids[row : row + 1, :length],
+      mask[row : row + 1, :length],
+    )
     np.testing.assert_allclose(batched[row], alone[0], atol=1e-5, rtol=0)
 
 
@@ -90,8 +92,9 @@ def test_output_rows_equal_the_rows_of_the_full_pass(selector, num_layers):
   x = jax.random.normal(jax.random.key(3), (3, 11, llm.config.hidden_size))
   attention_mask = jnp.asarray(np.arange(11)[None] < np.array([[11], [7], [9]]))
   rows = jnp.array([10, 6, 2])
-  run = nnx.jit(lambda llm, x, m, r: llm(x, attention_mask=m, num_layers=num_layers,
-                                         output_rows=r)[0])
+  run = nnx.jit(
+    lambda llm, x, m, r: llm(x, attention_mask=m, num_layers=num_layers, output_rows=r)[0]
+  )
   full = nnx.jit(lambda llm, x, m: llm(x, attention_mask=m, num_layers=num_layers)[0])
   got = run(llm, x, attention_mask, rows)
   assert got.shape == (3, 1, llm.config.hidden_size)
@@ -119,7 +122,7 @@ def test_wrong_candidate_count_is_an_error(selector):
 
 def test_config_errors():
   with pytest.raises(ValueError, match="pool_grid 8 must be in"):
-    tiny_config(pool_grid=8)   # the tiny tower has a 7x7 patch grid
+    tiny_config(pool_grid=8)  # the tiny tower has a 7x7 patch grid
   with pytest.raises(ValueError, match="dtype"):
     tiny_config(dtype="float8")
 
@@ -136,16 +139,21 @@ def test_lora_zero_init_scaling_and_merge(selector, visual_tokens):
   model = Selector(tiny_config(), rngs=nnx.Rngs(0))
   ids, mask = _questions([5], 5)
   base = score(model, visual_tokens[:1], ids, mask)
-  adapted = add_lora(model.llm, r"(self_attn\.[qkvo]_proj|mlp\.\w+_proj)$", rank=4, alpha=16,
-                     rngs=nnx.Rngs(1))
+  adapted = add_lora(
+    model.llm, r"(self_attn\.[qkvo]_proj|mlp\.\w+_proj)$", rank=4, alpha=16, rngs=nnx.Rngs(1)
+  )
   assert len(adapted) == 7 * 3
   np.testing.assert_array_equal(score(model, visual_tokens[:1], ids, mask), base)  # B = 0
-  assert all(v.get_value().dtype == jnp.float32
-             for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+  assert all(
+    v.get_value().dtype == jnp.float32
+    for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+  )
   dense = model.llm.model.layers[0].self_attn.q_proj
   dense.lora_b[...] = jax.random.normal(jax.random.key(3), dense.lora_b[...].shape)
   x = jax.random.normal(jax.random.key(4), (2, 64))
-  expected = x @ dense.kernel[...] + dense.bias[...] + (16 / 4) * (x @ dense.lora_a[...] @ dense.lora_b[...])
+  expected = (
+    x @ dense.kernel[...] + dense.bias[...] + (16 / 4) * (x @ dense.lora_a[...] @ dense.lora_b[...])
+  )
   np.testing.assert_allclose(dense(x), expected, atol=1e-4)
   adapted_scores = score(model, visual_tokens[:1], ids, mask)
   assert not np.allclose(adapted_scores, base)
@@ -192,5 +200,6 @@ def test_jit_over_split_state(selector, visual_tokens):
   def pure_score(state, tokens):
     return nnx.merge(graphdef, state).score(tokens, ids, mask)
 
-  np.testing.assert_allclose(pure_score(state, visual_tokens), score(selector, visual_tokens, ids, mask),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    pure_score(state, visual_tokens), score(selector, visual_tokens, ids, mask), atol=1e-6
+  )

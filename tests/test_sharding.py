@@ -1,5 +1,6 @@
 """Mesh construction and the sharded forward on 8 simulated CPU devices (in a subprocess, since
 the device count is fixed when jax starts)."""
+
 import os
 import subprocess
 import sys
@@ -9,17 +10,26 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from frameselect_jax import experiment
 from frameselect_jax import sharding as shd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_with_devices(code: str, num_devices: int = 8, timeout: int = 600) -> str:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(code)],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   return result.stdout
 
@@ -45,6 +55,7 @@ def test_make_mesh_errors():
 
 def test_sharded_forward_equals_single_device_and_loading_places_shards(tmp_path):
   from conftest import save_random_qwen2
+
   save_random_qwen2(str(tmp_path / "qwen2"), vocab_size=128, kv_heads=2)
   out = run_with_devices(f"""
     import jax, jax.numpy as jnp, numpy as np
@@ -77,13 +88,14 @@ def test_sharded_forward_equals_single_device_and_loading_places_shards(tmp_path
     print("max abs diff", diff)
 
     # Loading a checkpoint onto the mesh: each tensor arrives on its target sharding.
-    llm = hf.load_qwen2("{tmp_path / 'qwen2'}", mesh=mesh)
+    llm = hf.load_qwen2("{tmp_path / "qwen2"}", mesh=mesh)
     gate = llm.model.layers[1].mlp.gate_proj.kernel[...]
     assert gate.sharding.spec == P("fsdp", "tensor"), gate.sharding.spec
     emb = llm.model.embed_tokens.embedding[...]
     assert emb.sharding.spec == P("tensor", "fsdp"), emb.sharding.spec
-    ref = hf.load_qwen2("{tmp_path / 'qwen2'}")
-    np.testing.assert_array_equal(np.asarray(gate), np.asarray(ref.model.layers[1].mlp.gate_proj.kernel[...]))
+    ref = hf.load_qwen2("{tmp_path / "qwen2"}")
+    np.testing.assert_array_equal(np.asarray(gate),
+                                  np.asarray(ref.model.layers[1].mlp.gate_proj.kernel[...]))
     ids2 = jnp.arange(12, dtype=jnp.int32)[None] % 128
     l_sharded = nnx.jit(lambda m, x: m(x)[0])(llm, ids2)
     l_single = nnx.jit(lambda m, x: m(x)[0])(ref, ids2)

@@ -1,6 +1,7 @@
 """The TPU flash-attention wrapper (frameselect_jax.models.attention) computes what the model's
 XLA attention computes at every position the model reads: checked on CPU with the kernel
 swapped for its plain-JAX reference (same segments, padding, head mapping, shard_map)."""
+
 import subprocess
 import sys
 import textwrap
@@ -9,13 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from train_testlib import REPO, env
 
 from frameselect_jax import experiment
-from frameselect_jax import hf
 from frameselect_jax import sharding as shd
 from frameselect_jax.models import attention
 from frameselect_jax.models.selector import Selector
-from train_testlib import REPO, env
 
 
 def compare_attention(mesh, seq=300, heads=4, kv_heads=2, batch=4):
@@ -24,8 +24,8 @@ def compare_attention(mesh, seq=300, heads=4, kv_heads=2, batch=4):
   k = jax.random.normal(keys[1], (batch, seq, kv_heads, 16))
   v = jax.random.normal(keys[2], (batch, seq, kv_heads, 16))
   valid = np.ones((batch, seq), bool)
-  valid[0, 40:90] = False   # padding frames among the visual tokens
-  valid[1, 250:] = False    # right padding of the text
+  valid[0, 40:90] = False  # padding frames among the visual tokens
+  valid[1, 250:] = False  # right padding of the text
   valid[2, ::7] = False
   key_valid = jnp.asarray(valid)
   expected = jax.jit(attention.causal_attention)(q, k, v, key_valid)
@@ -65,6 +65,12 @@ def test_flash_wrapper_with_query_heads_split_over_tensor_parallel_devices():
       compare_attention(mesh, heads=12, kv_heads=3, batch=4)  # 6 local heads over groups of 4
       print("ok")
   """)
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO + "/tests", env=env(devices=8),
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=REPO + "/tests",
+    env=env(devices=8),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]

@@ -1,39 +1,47 @@
 """Ahead-of-time compilation of the real train step for a TPU topology on this CPU host
 (needs libtpu, which `make test` installs through the test extra)."""
+
 import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
-
 from train_testlib import REPO, env
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed (pip install -e .[tpu])")
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install -e .[tpu])",
+)
 
 
 def compile_step(*args, timeout=600):
-  return subprocess.run([sys.executable, "-m", "train.compile", *args], cwd=REPO, env=env(),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "train.compile", *args],
+    cwd=REPO,
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 @needs_libtpu
 def test_tiny_stage1_compiles_for_v5e_2x2(tmp_path):
   out = tmp_path / "report.json"
-  proc = compile_step("--config=configs/stage1.py:tiny", "--topology=v5e:2x2",
-                      f"--json_out={out}")
+  proc = compile_step("--config=configs/stage1.py:tiny", "--topology=v5e:2x2", f"--json_out={out}")
   assert proc.returncode == 0, proc.stderr[-4000:]
   report = json.loads(out.read_text())
   assert report["chips"] == 4 and report["chip"] == "v5e"
   assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
   assert set(report["tasks"]) == {"instruction", "importance"}  # stage 1 alternates both
-  for task, r in report["tasks"].items():
+  for r in report["tasks"].values():
     assert r["fits"] and 0 < r["total_bytes"] < r["hbm_bytes"]
     # The tiny importance step keeps every temporary in on-chip VMEM: none left in HBM.
     assert r["temp_bytes"] >= 0 and r["argument_bytes"] > 0
-    assert r["total_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
-                                + r["temp_bytes"])
+    assert r["total_bytes"] == (
+      r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
+    )
     # the donated params and optimizer state alias their outputs
     assert 0 < r["alias_bytes"] <= r["output_bytes"]
     assert r["model_flops"] > 0 and r["hardware_flops"] >= r["model_flops"]
@@ -44,8 +52,15 @@ def test_tiny_stage1_compiles_for_v5e_2x2(tmp_path):
     assert adamw_bytes <= r["hbm_traffic_per_device"] < r["compiler_bytes_accessed_per_device"]
     assert r["memory_bound_s"] == pytest.approx(r["hbm_traffic_per_device"] / 819e9)
     assert 0 < r["implied_mfu"] <= 1
-  for words in ("arguments", "temporaries", "FLOPs per step", "compute bound", "memory bound",
-                "implied model-FLOPs utilisation", "fits"):
+  for words in (
+    "arguments",
+    "temporaries",
+    "FLOPs per step",
+    "compute bound",
+    "memory bound",
+    "implied model-FLOPs utilisation",
+    "fits",
+  ):
     assert words in proc.stdout
 
 
@@ -53,8 +68,12 @@ def test_tiny_stage1_compiles_for_v5e_2x2(tmp_path):
 def test_hbm_traffic_is_counted_through_the_gradient_accumulation_loop(tmp_path):
   # The accumulation loop carries no trip-count annotation: the count reads it off the loop.
   out = tmp_path / "report.json"
-  proc = compile_step("--config=configs/stage2.py:tiny", "--topology=v5e:2x2",
-                      "--config.train.grad_accum_steps=2", f"--json_out={out}")
+  proc = compile_step(
+    "--config=configs/stage2.py:tiny",
+    "--topology=v5e:2x2",
+    "--config.train.grad_accum_steps=2",
+    f"--json_out={out}",
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   r = json.loads(out.read_text())["tasks"]["importance"]
   assert r["hbm_traffic_per_device"] is not None
@@ -65,8 +84,11 @@ def test_hbm_traffic_is_counted_through_the_gradient_accumulation_loop(tmp_path)
 def test_a_step_too_big_for_the_chip_fails_and_names_the_numbers():
   # 32768 examples per chip of the tiny model need far more than a v5e's 15.75 GiB: the TPU
   # compiler refuses the program, and the report says by how much.
-  proc = compile_step("--config=configs/stage2.py:tiny", "--topology=v5e:2x2",
-                      "--config.data.global_batch_size=131072")
+  proc = compile_step(
+    "--config=configs/stage2.py:tiny",
+    "--topology=v5e:2x2",
+    "--config.data.global_batch_size=131072",
+  )
   assert proc.returncode == 1, proc.stderr[-4000:]
   assert "DOES NOT FIT" in proc.stdout
   assert "error: the importance step does not fit the 15.75 GiB HBM of a v5e chip" in proc.stderr
@@ -130,8 +152,8 @@ def test_hbm_traffic_counts_only_hbm_buffers():
   from train import hlo_traffic
 
   prefetch = 64 * 128 * 2  # the whole bf16 parameter, read from HBM once
-  slice_read = 256 * 4     # the slice, not the 1024-element source
-  fusion_write = 256 * 4   # fusion.2's output; fusion.1 touches only VMEM
+  slice_read = 256 * 4  # the slice, not the 1024-element source
+  fusion_write = 256 * 4  # fusion.2's output; fusion.1 touches only VMEM
   update = 256 * 4 + 256 * 4 + 4  # writes the 256-float update (read from fusion.2) at %zero
   trip = 256 * 4 + 256 * 4 + 3 * 4  # reads and writes 256 floats; the counter's add
   loop = 3 * trip
@@ -141,7 +163,11 @@ def test_hbm_traffic_counts_only_hbm_buffers():
   unannotated = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
   assert hlo_traffic.hbm_bytes_accessed(unannotated) == expected
   assert hlo_traffic.hbm_bytes_accessed(unannotated.replace("constant(3)", "constant(5)")) == (
-      expected + 2 * trip)
+    expected + 2 * trip
+  )
   # a loop of a shape it cannot read gives no count rather than a wrong one
   assert hlo_traffic.hbm_bytes_accessed(unannotated.replace("direction=LT", "direction=NE")) is None
-  assert hlo_traffic.hbm_bytes_accessed(unannotated.replace("while(%tuple.1)", "while(%elsewhere)")) is None
+  assert (
+    hlo_traffic.hbm_bytes_accessed(unannotated.replace("while(%tuple.1)", "while(%elsewhere)"))
+    is None
+  )

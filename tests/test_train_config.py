@@ -1,5 +1,6 @@
 """Experiment configs load with the paper's settings, and bad configs fail at start with a
 clear message (before any model or data is built)."""
+
 import importlib.util
 import os
 import subprocess
@@ -7,23 +8,26 @@ import sys
 import types
 
 import pytest
+from train_testlib import REPO, env
 
 from frameselect_jax.models import presets
 from train import trainer
-from train_testlib import REPO, env
 
 
 def load(spec):
   """What `--config=configs/<spec>` gives: the file's get_config(arg), `path:arg` syntax."""
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("config_under_test",
-                                                       os.path.join(REPO, "configs", path))
+  module_spec = importlib.util.spec_from_file_location(
+    "config_under_test", os.path.join(REPO, "configs", path)
+  )
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
 
 
-@pytest.mark.parametrize("spec, llm, tokens, stage", [
+@pytest.mark.parametrize(
+  "spec, llm, tokens, stage",
+  [
     ("stage1.py", "qwen2.5-1.5b", 9, 1),
     ("stage2.py", "qwen2.5-1.5b", 9, 2),
     ("ablation_llm.py:llm=0.5b,stage=1", "qwen2.5-0.5b", 9, 1),
@@ -31,7 +35,8 @@ def load(spec):
     ("ablation_llm.py:llm=7b", "qwen2.5-7b", 9, 2),
     ("ablation_tokens.py:tokens=1", "qwen2.5-1.5b", 1, 2),
     ("ablation_tokens.py:tokens=25,stage=1", "qwen2.5-1.5b", 25, 1),
-])
+  ],
+)
 def test_paper_configs_use_real_presets(spec, llm, tokens, stage):
   config = load(spec)
   selector_cfg, ratio = trainer.check_config(config, runtime=False)
@@ -48,8 +53,15 @@ def test_paper_configs_use_real_presets(spec, llm, tokens, stage):
     assert ratio == (1, 1) and config.train.epochs == 2
 
 
-@pytest.mark.parametrize("spec", ["stage1.py:tiny", "stage2.py:tiny",
-                                  "ablation_llm.py:llm=0.5b,tiny", "ablation_tokens.py:tokens=25,tiny"])
+@pytest.mark.parametrize(
+  "spec",
+  [
+    "stage1.py:tiny",
+    "stage2.py:tiny",
+    "ablation_llm.py:llm=0.5b,tiny",
+    "ablation_tokens.py:tokens=25,tiny",
+  ],
+)
 def test_tiny_variants_use_tiny_presets(spec):
   config = load(spec)
   trainer.check_config(config, runtime=False)
@@ -79,13 +91,17 @@ def test_pool_grid_larger_than_patch_grid():
 
 
 def test_k_greater_than_n():
-  with pytest.raises(trainer.ConfigError, match=r"validation.ks=\(2, 17\) must be frame budgets "
-                     r"in \[1, n=16\]"):
+  with pytest.raises(
+    trainer.ConfigError,
+    match=r"validation.ks=\(2, 17\) must be frame budgets "
+    r"in \[1, n=16\]",
+  ):
     trainer.check_config(tiny(validation__ks=(2, 17)))
 
 
 def test_a_boolean_config_argument_must_be_a_boolean():
   from configs import common
+
   assert common.parse_arg("tiny=no", tiny=True).tiny is False
   assert common.parse_arg("tiny=Yes", tiny=False).tiny is True
   with pytest.raises(ValueError, match="config argument 'tiny' is a boolean; 'ture' is none of"):
@@ -111,10 +127,10 @@ def test_bad_task_ratio(ratio):
 
 
 def test_task_ratio_alternates_batch_by_batch():
-  assert [trainer.task_of_step(s, (1, 1)) for s in range(1, 5)] == \
-      ["instruction", "importance"] * 2
-  assert [trainer.task_of_step(s, (1, 3)) for s in range(1, 9)] == \
-      (["instruction"] + ["importance"] * 3) * 2
+  assert [trainer.task_of_step(s, (1, 1)) for s in range(1, 5)] == ["instruction", "importance"] * 2
+  assert [trainer.task_of_step(s, (1, 3)) for s in range(1, 9)] == (
+    ["instruction"] + ["importance"] * 3
+  ) * 2
   assert {trainer.task_of_step(s, (0, 1)) for s in range(1, 20)} == {"importance"}
 
 
@@ -128,13 +144,17 @@ def mesh_of(data, fsdp, tensor):
 
 
 def test_batch_not_divisible_by_data_parallelism():
-  with pytest.raises(trainer.ConfigError, match=r"global_batch_size=8 is not divisible by the data "
-                     r"parallelism data x fsdp = 3 x 1 = 3"):
+  with pytest.raises(
+    trainer.ConfigError,
+    match=r"global_batch_size=8 is not divisible by the data "
+    r"parallelism data x fsdp = 3 x 1 = 3",
+  ):
     trainer.check_batch(tiny(), mesh_of(3, 1, 1), process_count=1)
   with pytest.raises(trainer.ConfigError, match="not divisible by the 3 processes"):
     trainer.check_batch(tiny(), mesh_of(1, 1, 1), process_count=3)
-  with pytest.raises(trainer.ConfigError, match="per-device batch 2 is not divisible by "
-                     "train.grad_accum_steps=4"):
+  with pytest.raises(
+    trainer.ConfigError, match="per-device batch 2 is not divisible by train.grad_accum_steps=4"
+  ):
     trainer.check_batch(tiny(train__grad_accum_steps=4), mesh_of(2, 2, 1), process_count=1)
   trainer.check_batch(tiny(), mesh_of(2, 2, 2), process_count=2)  # 8 over data x fsdp = 4
 
@@ -142,10 +162,23 @@ def test_batch_not_divisible_by_data_parallelism():
 def test_command_line_reports_config_errors(tmp_path):
   """`python -m train` prints the message and exits 2, with no traceback."""
   proc = subprocess.run(
-      [sys.executable, "-m", "train", "--config=configs/stage1.py:tiny",
-       f"--workdir={tmp_path}", "--config.mesh.data=3"],
-      cwd=REPO, env=env(devices=2), capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "train",
+      "--config=configs/stage1.py:tiny",
+      f"--workdir={tmp_path}",
+      "--config.mesh.data=3",
+    ],
+    cwd=REPO,
+    env=env(devices=2),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2, proc.stderr[-3000:]
-  assert "config error: mesh: mesh sizes data=3 fsdp=1 tensor=1 do not divide the 2 available " \
-      "devices" in proc.stderr
+  assert (
+    "config error: mesh: mesh sizes data=3 fsdp=1 tensor=1 do not divide the 2 available "
+    "devices" in proc.stderr
+  )
   assert "Traceback" not in proc.stderr

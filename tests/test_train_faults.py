@@ -1,28 +1,33 @@
 """Faults: a run killed with SIGKILL resumes from its last checkpoint and reproduces the
 uninterrupted run's later losses exactly; SIGTERM (preemption) checkpoints before exiting;
 a non-finite loss stops the run naming the step and leaves the last good checkpoint intact."""
+
 import os
 import signal
 import time
 
 import jax
 import numpy as np
+from train_testlib import losses, read_metrics, run_train, start_train
 
 from frameselect_jax import checkpoint as ckpt
-from train_testlib import losses, read_metrics, run_train, start_train
 
 CONFIG = "configs/stage1.py:tiny"
 STEPS = 24
-RUN = [f"--config.train.num_steps={STEPS}", "--config.checkpoint.every_steps=4",
-       "--config.train.lr=1e-3"]
+RUN = [
+  f"--config.train.num_steps={STEPS}",
+  "--config.checkpoint.every_steps=4",
+  "--config.train.lr=1e-3",
+]
 
 
 def wait_for(condition, process, timeout=240):
   deadline = time.time() + timeout
   while not condition():
     if process.poll() is not None:
-      raise AssertionError(f"training exited early ({process.returncode}):\n"
-                           f"{process.stderr.read()[-5000:]}")
+      raise AssertionError(
+        f"training exited early ({process.returncode}):\n{process.stderr.read()[-5000:]}"
+      )
     if time.time() > deadline:
       process.kill()
       raise AssertionError("timed out waiting for the run")
@@ -76,12 +81,20 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
   checkpoints = os.path.join(workdir, "checkpoints")
   # A learning rate of 1e30 makes the weights huge after one update; the next forward
   # pass overflows.
-  proc = run_train(CONFIG, workdir, "--config.train.num_steps=10", "--config.train.lr=1e30",
-                   "--config.train.warmup_fraction=0", "--config.checkpoint.every_steps=1",
-                   "--config.checkpoint.keep=10", check=False)
+  proc = run_train(
+    CONFIG,
+    workdir,
+    "--config.train.num_steps=10",
+    "--config.train.lr=1e30",
+    "--config.train.warmup_fraction=0",
+    "--config.checkpoint.every_steps=1",
+    "--config.checkpoint.keep=10",
+    check=False,
+  )
   assert proc.returncode != 0
-  assert "FloatingPointError: non-finite training state at step 2" in proc.stderr, \
-      proc.stderr[-3000:]
+  assert "FloatingPointError: non-finite training state at step 2" in proc.stderr, proc.stderr[
+    -3000:
+  ]
   assert "the last good checkpoint is step 1" in proc.stderr
   assert ckpt.latest_step(checkpoints) == 1
   assert sorted(os.listdir(checkpoints)) == ["1"]  # nothing half-written after it

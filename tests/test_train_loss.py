@@ -1,19 +1,19 @@
 """The train step itself: losses fall on the tiny config, the cached-visual-token path and the
 ViT path agree, gradient accumulation equals one big batch, and stage 2 starts from stage 1."""
+
 import os
 
 import jax
 import numpy as np
 import pytest
+from test_train_config import tiny
+from train_testlib import losses, read_metrics, run_train, tensorboard_scalars
 
-from frameselect_jax import experiment
 from frameselect_jax import checkpoint as ckpt
-from frameselect_jax import input_pipeline, synthetic, video
+from frameselect_jax import experiment, input_pipeline, synthetic, video
 from frameselect_jax import sharding as shd
 from train import modeling, trainer
 from train import step as step_lib
-from train_testlib import losses, read_metrics, run_train, tensorboard_scalars
-from test_train_config import tiny
 
 
 def build(config):
@@ -27,18 +27,26 @@ def batch_of(config, count=8, seed=3):
   selector_cfg = experiment.selector_config(config.model)
   spec = trainer.example_spec(config, selector_cfg)
   tokenizer, eos = trainer.load_tokenizer(config)
-  recs = synthetic.needle_records(count // 2, selector_cfg.num_candidates,
-                                selector_cfg.vision.image_size, seed=seed)
-  examples = [input_pipeline.make_example(r, spec, tokenizer, eos_id=eos,
-                                   vocab_size=selector_cfg.llm.vocab_size) for r in recs]
+  recs = synthetic.needle_records(
+    count // 2, selector_cfg.num_candidates, selector_cfg.vision.image_size, seed=seed
+  )
+  examples = [
+    input_pipeline.make_example(
+      r, spec, tokenizer, eos_id=eos, vocab_size=selector_cfg.llm.vocab_size
+    )
+    for r in recs
+  ]
   return spec, {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def one_step(config, graphdef, params, frozen, batch, task, *, accum=1, vision_abstract=None):
   tx, _ = step_lib.make_optimizer(config.train, 10)
   opt_state = tx.init(params)
-  step = jax.jit(step_lib.make_train_step(graphdef, tx, task=task, accum_steps=accum,
-                                          vision_abstract=vision_abstract))
+  step = jax.jit(
+    step_lib.make_train_step(
+      graphdef, tx, task=task, accum_steps=accum, vision_abstract=vision_abstract
+    )
+  )
   fields = step_lib.step_fields(task, "visual" in batch)
   new_params, _, metrics = step(params, frozen, opt_state, {k: batch[k] for k in fields})
   return float(metrics["loss"]), jax.device_get(new_params)
@@ -46,8 +54,13 @@ def one_step(config, graphdef, params, frozen, batch, task, *, accum=1, vision_a
 
 def float32_tiny(**changes):
   # float32 compute so that equal math gives equal numbers to ~1e-6
-  return tiny(model__dtype="float32", model__frozen_dtype="float32",
-              train__warmup_fraction=0.0, train__lr=1e-3, **changes)
+  return tiny(
+    model__dtype="float32",
+    model__frozen_dtype="float32",
+    train__warmup_fraction=0.0,
+    train__lr=1e-3,
+    **changes,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +74,27 @@ def float32_setup():
 def test_cached_visual_tokens_give_the_same_loss_as_running_the_vit(float32_setup):
   config, graphdef, params, frozen, batch = float32_setup
   # The cache path: encode once per video (as the trainer does), then drop the tower.
-  encode = jax.jit(lambda frozen, frames: step_lib.merge_model(graphdef, params, frozen)
-                   .encode_frames(video.normalize(frames)))
+  encode = jax.jit(
+    lambda frozen, frames: step_lib.merge_model(graphdef, params, frozen).encode_frames(
+      video.normalize(frames)
+    )
+  )
   cached = dict(batch, visual=np.asarray(encode(frozen, batch["frames"])))
   del cached["frames"]
-  vision_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                 frozen["vision_tower"])
+  vision_abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen["vision_tower"]
+  )
   without_tower = {k: v for k, v in frozen.items() if k != "vision_tower"}
   for task in ("importance", "instruction"):
     loss_vit, params_vit = one_step(config, graphdef, params, frozen, batch, task)
-    loss_cached, params_cached = one_step(config, graphdef, params, without_tower, cached, task,
-                                          vision_abstract=vision_abstract)
+    loss_cached, params_cached = one_step(
+      config, graphdef, params, without_tower, cached, task, vision_abstract=vision_abstract
+    )
     assert np.isfinite(loss_vit)
     np.testing.assert_allclose(loss_cached, loss_vit, rtol=1e-5, err_msg=task)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 params_cached, params_vit)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_cached, params_vit
+    )
 
 
 def test_gradient_accumulation_equals_one_big_batch(float32_setup):
@@ -85,8 +104,9 @@ def test_gradient_accumulation_equals_one_big_batch(float32_setup):
   loss_1, params_1 = one_step(config, graphdef, params, frozen, batch, "importance", accum=1)
   loss_4, params_4 = one_step(config, graphdef, params, frozen, batch, "importance", accum=4)
   np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               params_4, params_1)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_4, params_1
+  )
 
 
 def test_only_the_heads_train_in_stage1_and_lora_joins_in_stage2():
@@ -109,8 +129,13 @@ def test_tiny_loss_falls_and_stage2_starts_from_stage1(tmp_path):
   """Stage 1 on a fixed small needle dataset: both task losses fall. Stage 2 then starts
   from stage 1's projector and heads, adds LoRA, and keeps the importance loss falling."""
   stage1 = str(tmp_path / "stage1")
-  run_train("configs/stage1.py:tiny", stage1, "--config.train.num_steps=32",
-            "--config.train.lr=3e-3", "--config.checkpoint.every_steps=16")
+  run_train(
+    "configs/stage1.py:tiny",
+    stage1,
+    "--config.train.num_steps=32",
+    "--config.train.lr=3e-3",
+    "--config.checkpoint.every_steps=16",
+  )
   importance = [v for s, v in sorted(losses(stage1, "loss/importance").items())]
   instruction = [v for s, v in sorted(losses(stage1, "loss/instruction").items())]
   assert len(importance) == len(instruction) == 16
@@ -119,46 +144,65 @@ def test_tiny_loss_falls_and_stage2_starts_from_stage1(tmp_path):
   metrics = read_metrics(stage1)
   step_lines = [m for m in metrics if "grad_norm" in m]
   assert {"lr", "grad_norm", "examples_per_s", "step_time_s"} <= set(step_lines[0])
-  assert any("validation/bce" in m and "validation/recall_at_4" in m
-             and "validation/hit_at_4" in m for m in metrics)
+  assert any(
+    "validation/bce" in m and "validation/recall_at_4" in m and "validation/hit_at_4" in m
+    for m in metrics
+  )
   scalars = tensorboard_scalars(stage1)  # the same names and values as the JSONL
-  assert {"loss/importance", "loss/instruction", "lr", "validation/recall_at_4",
-          "validation/hit_at_4"} <= set(scalars)
+  assert {
+    "loss/importance",
+    "loss/instruction",
+    "lr",
+    "validation/recall_at_4",
+    "validation/hit_at_4",
+  } <= set(scalars)
   assert dict(scalars["loss/importance"]) == pytest.approx(losses(stage1, "loss/importance"))
   assert ckpt.latest_step(os.path.join(stage1, "checkpoints")) == 32
 
   stage2 = str(tmp_path / "stage2")
-  run_train("configs/stage2.py:tiny", stage2, "--config.train.num_steps=16",
-            f"--config.train.init_from={stage1}/checkpoints", "--config.train.lr=3e-3",
-            "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=20")
+  run_train(
+    "configs/stage2.py:tiny",
+    stage2,
+    "--config.train.num_steps=16",
+    f"--config.train.init_from={stage1}/checkpoints",
+    "--config.train.lr=3e-3",
+    "--config.checkpoint.every_steps=1",
+    "--config.checkpoint.keep=20",
+  )
   first = ckpt.load_params_numpy(os.path.join(stage2, "checkpoints"), step=1)
   before = ckpt.load_params_numpy(os.path.join(stage1, "checkpoints"))
   # One Adam step moves each parameter by at most the learning rate (3e-3): stage 2 started
   # from stage 1's heads, not from a fresh init (which differs by ~0.02).
   for name in ("projector", "score_query", "score_head"):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=3.01e-3, rtol=0),
-                 first[name], before[name])
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=3.01e-3, rtol=0), first[name], before[name]
+    )
   assert "lora_a" in first["llm"]["model"]["layers"]["0"]["self_attn"]["q_proj"]
   loss2 = [v for s, v in sorted(losses(stage2).items())]
   assert len(loss2) == 16 and np.mean(loss2[-4:]) < np.mean(loss2[:4])
   start = [m for m in read_metrics(stage2) if m.get("event") == "start"][0]
-  assert start["trainable_params"] > [m for m in read_metrics(stage1)
-                                      if m.get("event") == "start"][0]["trainable_params"]
+  assert (
+    start["trainable_params"]
+    > [m for m in read_metrics(stage1) if m.get("event") == "start"][0]["trainable_params"]
+  )
 
 
 def test_backbones_load_from_hugging_face_directories(tmp_path):
   """model.llm_dir / model.vision_dir: the frozen backbone is the checkpoint's (bf16 storage),
   LoRA and the heads are fresh, and a stage-2 step trains on it."""
-  from conftest import save_random_qwen2, save_random_siglip
   import torch
+  from conftest import save_random_qwen2, save_random_siglip
+
   llm_dir, vision_dir = str(tmp_path / "qwen2"), str(tmp_path / "siglip")
   reference = save_random_qwen2(llm_dir, vocab_size=300)  # the byte tokenizer needs 258 ids
   save_random_siglip(vision_dir)
   config = tiny(stage=2, model__llm_dir=llm_dir, model__vision_dir=vision_dir)
   _, graphdef, params, frozen, _, _ = build(config)
   embed = reference.model.embed_tokens.weight.detach().to(torch.float32).numpy()
-  np.testing.assert_array_equal(np.asarray(frozen["llm"]["model"]["embed_tokens"]["embedding"]),
-                                embed.astype(jax.numpy.bfloat16))
+  np.testing.assert_array_equal(
+    np.asarray(frozen["llm"]["model"]["embed_tokens"]["embedding"]),
+    embed.astype(jax.numpy.bfloat16),
+  )
   assert "lora_a" in params["llm"]["model"]["layers"][0]["self_attn"]["q_proj"]
   _, batch = batch_of(config)
   loss, _ = one_step(config, graphdef, params, frozen, batch, "importance")

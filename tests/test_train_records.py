@@ -1,12 +1,13 @@
 """Training records: the array_record source round-trips the schema, and the per-process
 pipeline reads disjoint blocks whose union is the single-process batch, in a seeded order
 that resumes from its saved position, with or without grain worker processes."""
+
 import grain
 import numpy as np
 import pytest
+from train_testlib import losses, run_train
 
 from frameselect_jax import input_pipeline, records, synthetic
-from train_testlib import losses, run_train
 
 
 def test_array_record_source_round_trips_records(tmp_path):
@@ -20,8 +21,12 @@ def test_array_record_source_round_trips_records(tmp_path):
     for key in ("frames", "timestamps", "valid", "labels", "spatial", "temporal"):
       np.testing.assert_array_equal(got[key], want[key])
       assert got[key].dtype == np.asarray(want[key]).dtype
-    assert (got["video_id"], got["question"], got["answer"], list(got["options"])) == \
-        (want["video_id"], want["question"], want["answer"], list(want["options"]))
+    assert (got["video_id"], got["question"], got["answer"], list(got["options"])) == (
+      want["video_id"],
+      want["question"],
+      want["answer"],
+      list(want["options"]),
+    )
 
 
 def test_needle_labels_point_at_the_named_square():
@@ -40,12 +45,18 @@ def test_needle_labels_point_at_the_named_square():
 
 def test_make_example_rejects_overlong_prompts_and_foreign_tokens():
   from frameselect_jax.text import ByteTokenizer
+
   rec = synthetic.needle_records(1, 8, 16, seed=0)[0]
-  spec = input_pipeline.ExampleSpec(8, 16, 9, 32, max_question_length=20, max_instruction_length=200)
-  with pytest.raises(ValueError, match="question prompt has .* tokens, more than the configured "
-                     "maximum 20"):
+  spec = input_pipeline.ExampleSpec(
+    8, 16, 9, 32, max_question_length=20, max_instruction_length=200
+  )
+  with pytest.raises(
+    ValueError, match="question prompt has .* tokens, more than the configured maximum 20"
+  ):
     input_pipeline.make_example(rec, spec, ByteTokenizer(), eos_id=257, vocab_size=1024)
-  spec = input_pipeline.ExampleSpec(8, 16, 9, 32, max_question_length=200, max_instruction_length=200)
+  spec = input_pipeline.ExampleSpec(
+    8, 16, 9, 32, max_question_length=200, max_instruction_length=200
+  )
   with pytest.raises(ValueError, match="does not match the LLM"):
     input_pipeline.make_example(rec, spec, ByteTokenizer(), eos_id=257, vocab_size=100)
   example = input_pipeline.make_example(rec, spec, ByteTokenizer(), eos_id=257, vocab_size=1024)
@@ -55,23 +66,45 @@ def test_make_example_rejects_overlong_prompts_and_foreign_tokens():
 
 def test_processes_read_disjoint_blocks_of_the_same_global_batches():
   size, batch, epochs = 20, 8, 3
-  single = input_pipeline.global_batches(grain.MapDataset.range(size), global_batch_size=batch,
-                                  process_index=0, process_count=1, seed=7, num_epochs=epochs)
-  parts = [input_pipeline.global_batches(grain.MapDataset.range(size), global_batch_size=batch,
-                                  process_index=p, process_count=4, seed=7, num_epochs=epochs)
-           for p in range(4)]
+  single = input_pipeline.global_batches(
+    grain.MapDataset.range(size),
+    global_batch_size=batch,
+    process_index=0,
+    process_count=1,
+    seed=7,
+    num_epochs=epochs,
+  )
+  parts = [
+    input_pipeline.global_batches(
+      grain.MapDataset.range(size),
+      global_batch_size=batch,
+      process_index=p,
+      process_count=4,
+      seed=7,
+      num_epochs=epochs,
+    )
+    for p in range(4)
+  ]
   assert len(single) == size * epochs // batch
   for step in range(len(single)):
     blocks = [list(parts[p][step]) for p in range(4)]
     assert sum(blocks, []) == list(single[step])  # process p holds rows [2p, 2p + 2)
   # every epoch is a fresh permutation of all records
   order = np.concatenate([single[s] for s in range(len(single))])
-  assert sorted(order[:size]) == list(range(size)) and list(order[:size]) != list(order[size:2 * size])
+  assert sorted(order[:size]) == list(range(size)) and list(order[:size]) != list(
+    order[size : 2 * size]
+  )
 
 
 def test_iterator_resumes_from_its_saved_position():
-  dataset = input_pipeline.global_batches(grain.MapDataset.range(50), global_batch_size=4,
-                                   process_index=0, process_count=1, seed=0, num_epochs=2)
+  dataset = input_pipeline.global_batches(
+    grain.MapDataset.range(50),
+    global_batch_size=4,
+    process_index=0,
+    process_count=1,
+    seed=0,
+    num_epochs=2,
+  )
   it = input_pipeline.to_iterator(dataset)
   [next(it) for _ in range(5)]
   state = it.get_state()
@@ -92,8 +125,14 @@ def test_a_video_path_instead_of_frames_is_a_clear_error():
 def test_worker_processes_give_the_same_batches_and_resume():
   """data.worker_count > 0: grain worker processes yield the in-process batches, in order,
   and an iterator restored from a saved state continues where it was."""
-  dataset = input_pipeline.global_batches(grain.MapDataset.range(40), global_batch_size=4,
-                                   process_index=0, process_count=1, seed=3, num_epochs=1)
+  dataset = input_pipeline.global_batches(
+    grain.MapDataset.range(40),
+    global_batch_size=4,
+    process_index=0,
+    process_count=1,
+    seed=3,
+    num_epochs=1,
+  )
   in_process = [b.tolist() for b in input_pipeline.to_iterator(dataset)]
   workers = input_pipeline.to_iterator(dataset, worker_count=2)
   first = [next(workers).tolist() for _ in range(4)]
@@ -107,6 +146,7 @@ def test_worker_processes_give_the_same_batches_and_resume():
 def test_training_with_grain_worker_processes_matches_in_process_loading(tmp_path):
   in_process, workers = str(tmp_path / "in_process"), str(tmp_path / "workers")
   run_train("configs/stage1.py:tiny", in_process, "--config.train.num_steps=4")
-  run_train("configs/stage1.py:tiny", workers, "--config.train.num_steps=4",
-            "--config.data.worker_count=2")
+  run_train(
+    "configs/stage1.py:tiny", workers, "--config.train.num_steps=4", "--config.data.worker_count=2"
+  )
   assert losses(workers) == losses(in_process) and len(losses(in_process)) == 4

@@ -1,14 +1,14 @@
 """The visual-token cache: files written and read back, escaped ids kept distinct, each video
 encoded once, and a cache directory keyed so that changed vision weights never read stale
 tokens."""
+
 import os
 
 import numpy as np
 import pytest
 
 from configs import stage1
-from frameselect_jax import experiment
-from frameselect_jax import hf, visual_cache
+from frameselect_jax import experiment, visual_cache
 from train import trainer
 
 
@@ -31,10 +31,12 @@ def test_fill_encodes_each_missing_video_once(tmp_path):
   cache = visual_cache.VisualTokenCache(str(tmp_path))
   cache.put("done", np.zeros((2, 1, 1), np.float32))
   calls = []
+
   def encode(frames):
     calls.append(frames.shape)
     return frames.mean(axis=(2, 3, 4), keepdims=True)[..., 0].astype(np.float32)
-  frames = lambda value: (lambda: np.full((2, 4, 4, 3), value, np.uint8))
+
+  frames = lambda value: lambda: np.full((2, 4, 4, 3), value, np.uint8)
   videos = [("x", frames(3)), ("done", frames(9)), ("x", frames(5)), ("y", frames(7))]
   assert visual_cache.fill(cache, videos, encode, show_progress=False) == 2
   assert calls == [(1, 2, 4, 4, 3)] * 2
@@ -48,7 +50,9 @@ def test_cache_directory_changes_with_the_vision_weights(tmp_path):
   (vision_dir / "model.safetensors").write_bytes(b"weights one")
   config = stage1.get_config("tiny")
   config.model.vision_dir = str(vision_dir)
-  selector_cfg = experiment.selector_config(dict(llm="tiny", vision="tiny", num_candidates=16, pool_grid=3))
+  selector_cfg = experiment.selector_config(
+    dict(llm="tiny", vision="tiny", num_candidates=16, pool_grid=3)
+  )
   first = trainer.cache_directory(config, selector_cfg, str(tmp_path / "work"))
   assert first == trainer.cache_directory(config, selector_cfg, str(tmp_path / "work"))
   (vision_dir / "model.safetensors").write_bytes(b"weights two, same path")

@@ -1,5 +1,6 @@
 """Helpers for the trainer tests: run `python -m train` in a subprocess (simulated devices,
 a shared persistent compilation cache) and read what it wrote."""
+
 from __future__ import annotations
 
 import json
@@ -18,38 +19,70 @@ jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # A small, fast stage-1 run on generated needle videos.
-TINY = ["--config.data.synthetic_train_videos=16", "--config.data.synthetic_eval_videos=4",
-        "--config.log.progress=False", "--config.validation.every_steps=0"]
+TINY = [
+  "--config.data.synthetic_train_videos=16",
+  "--config.data.synthetic_eval_videos=4",
+  "--config.log.progress=False",
+  "--config.validation.every_steps=0",
+]
 
 
 def env(devices: int = 1) -> dict:
   out = dict(os.environ)
-  out.update(PYTHONPATH=REPO + os.pathsep + out.get("PYTHONPATH", ""),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  out.update(
+    PYTHONPATH=REPO + os.pathsep + out.get("PYTHONPATH", ""),
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+  )
   return out
 
 
 def train_command(config: str, workdir: str, *overrides: str) -> list[str]:
-  return [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}", *TINY,
-          *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "train",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *TINY,
+    *overrides,
+  ]
 
 
-def run_train(config: str, workdir: str, *overrides: str, devices: int = 1, timeout: int = 300,
-              check: bool = True) -> subprocess.CompletedProcess:
-  proc = subprocess.run(train_command(config, workdir, *overrides), cwd=REPO, env=env(devices),
-                        capture_output=True, text=True, timeout=timeout)
+def run_train(
+  config: str,
+  workdir: str,
+  *overrides: str,
+  devices: int = 1,
+  timeout: int = 300,
+  check: bool = True,
+) -> subprocess.CompletedProcess:
+  proc = subprocess.run(
+    train_command(config, workdir, *overrides),
+    cwd=REPO,
+    env=env(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   if check and proc.returncode != 0:
     raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
   return proc
 
 
-def start_train(config: str, workdir: str, *overrides: str, devices: int = 1,
-                extra_env: dict | None = None) -> subprocess.Popen:
-  return subprocess.Popen(train_command(config, workdir, *overrides), cwd=REPO,
-                          env={**env(devices), **(extra_env or {})},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_train(
+  config: str, workdir: str, *overrides: str, devices: int = 1, extra_env: dict | None = None
+) -> subprocess.Popen:
+  return subprocess.Popen(
+    train_command(config, workdir, *overrides),
+    cwd=REPO,
+    env={**env(devices), **(extra_env or {})},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -76,7 +109,9 @@ def tensorboard_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   """tag -> [(step, value)] read back from the run's TensorBoard event files (TFRecord
   framing: length, its CRC, the Event proto, its CRC)."""
   import struct
+
   from tensorboardX.proto import event_pb2
+
   scalars: dict[str, list[tuple[int, float]]] = {}
   folder = os.path.join(workdir, "tensorboard")
   for name in sorted(os.listdir(folder)):

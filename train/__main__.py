@@ -4,13 +4,15 @@ Runs one training stage: metrics go to <workdir>/metrics.jsonl and <workdir>/ten
 checkpoints to <workdir>/checkpoints (resumed from automatically). Exits with status 2 on a
 configuration error, 143 after a SIGTERM (preemption) checkpoint.
 """
+
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Output directory (default: config.workdir).")
 flags.mark_flags_as_required(["config"])
 
@@ -26,6 +28,7 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   from train import trainer  # after flag parsing: grain workers need parsed absl flags
+
   config = flags.FLAGS.config
   try:
     summary = trainer.run(config, flags.FLAGS.workdir)

@@ -24,6 +24,7 @@ came back negative):
   estimated step   max of the three bounds (a roofline: perfect overlap, no other stalls)
   implied MFU      model FLOPs / (estimated step x chips x peak)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,24 +37,24 @@ from frameselect_jax.models import attention as attention_lib
 from train.flops import ici_bytes_per_chip, step_flops
 from train.hlo_traffic import hbm_bytes_accessed
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
   name: str
-  peak_bf16_flops: float     # FLOP/s per chip (published)
-  hbm_bytes: float           # HBM capacity usable by a program
-  hbm_bytes_per_s: float     # HBM bandwidth
-  ici_bytes_per_s: float     # inter-chip interconnect bandwidth per chip
+  peak_bf16_flops: float  # FLOP/s per chip (published)
+  hbm_bytes: float  # HBM capacity usable by a program
+  hbm_bytes_per_s: float  # HBM bandwidth
+  ici_bytes_per_s: float  # inter-chip interconnect bandwidth per chip
 
 
 # Published per-chip figures (cloud.google.com/tpu/docs/<version>).
 CHIPS = {
-    "TPU v5 lite": Chip("v5e", 197e12, 15.75 * GIB, 819e9, 1600e9 / 8),
-    "TPU v5": Chip("v5p", 459e12, 95 * GIB, 2765e9, 4800e9 / 8),
-    "TPU v4": Chip("v4", 275e12, 32 * GIB, 1228e9, 2400e9 / 8),
-    "TPU v6 lite": Chip("v6e", 918e12, 32 * GIB, 1640e9, 3584e9 / 8),
+  "TPU v5 lite": Chip("v5e", 197e12, 15.75 * GIB, 819e9, 1600e9 / 8),
+  "TPU v5": Chip("v5p", 459e12, 95 * GIB, 2765e9, 4800e9 / 8),
+  "TPU v4": Chip("v4", 275e12, 32 * GIB, 1228e9, 2400e9 / 8),
+  "TPU v6 lite": Chip("v6e", 918e12, 32 * GIB, 1640e9, 3584e9 / 8),
 }
 
 
@@ -63,10 +64,12 @@ def topology_devices(name: str):
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
+
     return topologies.get_topology_desc(name, "tpu").devices
   except Exception as e:  # libtpu missing, or an unknown topology name
-    raise SystemExit(f"cannot describe TPU topology {name!r}: {e}\n(is libtpu installed? "
-                     f"pip install -e .[tpu])") from None
+    raise SystemExit(
+      f"cannot describe TPU topology {name!r}: {e}\n(is libtpu installed? pip install -e .[tpu])"
+    ) from None
 
 
 def compile_report(config, topology: str) -> dict:
@@ -86,11 +89,13 @@ def compile_report(config, topology: str) -> dict:
   spec = trainer.example_spec(config, selector_cfg)
 
   graphdef, params, frozen, param_shardings, frozen_shardings = modeling.prepare_abstract(
-      config, mesh, rules)
+    config, mesh, rules
+  )
   vision_abstract = None
   if cached:
-    vision_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                   frozen["vision_tower"])
+    vision_abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen["vision_tower"]
+    )
     frozen = {k: v for k, v in frozen.items() if k != "vision_tower"}
     frozen_shardings = {k: v for k, v in frozen_shardings.items() if k != "vision_tower"}
   tx, _ = step_lib.make_optimizer(config.train, max(config.train.num_steps, 1000))
@@ -98,27 +103,50 @@ def compile_report(config, topology: str) -> dict:
   opt_state = modeling.abstract_of(jax.eval_shape(tx.init, params), opt_shardings)
   params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((params, frozen)))
 
-  report = {"topology": topology, "chip": chip.name, "chips": len(devices),
-            "mesh": dict(mesh.shape), "global_batch": config.data.global_batch_size,
-            "llm": config.model.llm, "vision": config.model.vision,
-            "frames": selector_cfg.num_candidates, "tokens_per_frame": selector_cfg.tokens_per_frame,
-            "cached_visual_tokens": cached, "remat": config.model.remat,
-            "trainable_params": modeling.count_params(params),
-            "frozen_params": modeling.count_params(frozen), "tasks": {}}
+  report = {
+    "topology": topology,
+    "chip": chip.name,
+    "chips": len(devices),
+    "mesh": dict(mesh.shape),
+    "global_batch": config.data.global_batch_size,
+    "llm": config.model.llm,
+    "vision": config.model.vision,
+    "frames": selector_cfg.num_candidates,
+    "tokens_per_frame": selector_cfg.tokens_per_frame,
+    "cached_visual_tokens": cached,
+    "remat": config.model.remat,
+    "trainable_params": modeling.count_params(params),
+    "frozen_params": modeling.count_params(frozen),
+    "tasks": {},
+  }
   attention = attention_lib.causal_attention_for(config.model.attention, mesh, "tpu")
   report["attention"] = "flash" if attention is not None else "xla"
   for task in [t for t, count in zip(step_lib.TASKS, ratio) if count]:
     fields = step_lib.step_fields(task, cached)
     batch_shardings = step_lib.batch_shardings(mesh, spec, fields)
     shapes = spec.shapes(cached)
-    batch = {f: jax.ShapeDtypeStruct((config.data.global_batch_size,) + shapes[f][0],
-                                     shapes[f][1], sharding=batch_shardings[f]) for f in fields}
+    batch = {
+      f: jax.ShapeDtypeStruct(
+        (config.data.global_batch_size,) + shapes[f][0], shapes[f][1], sharding=batch_shardings[f]
+      )
+      for f in fields
+    }
     jitted = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef, tx, task=task,
-                                 accum_steps=config.train.grad_accum_steps,
-                                 vision_abstract=vision_abstract, mesh=mesh, attention=attention),
-        param_shardings=param_shardings, frozen_shardings=frozen_shardings,
-        opt_shardings=opt_shardings, batch_shardings=batch_shardings, mesh=mesh)
+      step_lib.make_train_step(
+        graphdef,
+        tx,
+        task=task,
+        accum_steps=config.train.grad_accum_steps,
+        vision_abstract=vision_abstract,
+        mesh=mesh,
+        attention=attention,
+      ),
+      param_shardings=param_shardings,
+      frozen_shardings=frozen_shardings,
+      opt_shardings=opt_shardings,
+      batch_shardings=batch_shardings,
+      mesh=mesh,
+    )
     start = time.perf_counter()
     try:
       compiled = jitted.lower(params, frozen, opt_state, batch).compile()
@@ -126,54 +154,70 @@ def compile_report(config, topology: str) -> dict:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       # The TPU compiler refuses programs that cannot fit; its message has the numbers.
-      report["tasks"][task] = {"fits": False, "hbm_bytes": chip.hbm_bytes,
-                               "compile_error": str(e).strip().splitlines()[0]}
+      report["tasks"][task] = {
+        "fits": False,
+        "hbm_bytes": chip.hbm_bytes,
+        "compile_error": str(e).strip().splitlines()[0],
+      }
       continue
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    model_flops, hardware_flops = step_flops(config, selector_cfg, task, cached,
-                                             report["attention"])
+    model_flops, hardware_flops = step_flops(
+      config, selector_cfg, task, cached, report["attention"]
+    )
     chips = len(devices)
-    per_device_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                        - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    per_device_bytes = (
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+      + memory.temp_size_in_bytes
+    )
     compute_s = hardware_flops / chips / chip.peak_bf16_flops
     compiler_bytes = float(cost.get("bytes accessed", 0.0))
     hbm_traffic = hbm_bytes_accessed(compiled.as_text())
     memory_s = (compiler_bytes if hbm_traffic is None else hbm_traffic) / chip.hbm_bytes_per_s
-    ici_s = ici_bytes_per_chip(config, selector_cfg, task, mesh, params_bytes,
-                               4 * modeling.count_params(params)) / chip.ici_bytes_per_s
+    ici_s = (
+      ici_bytes_per_chip(
+        config, selector_cfg, task, mesh, params_bytes, 4 * modeling.count_params(params)
+      )
+      / chip.ici_bytes_per_s
+    )
     step_s = max(compute_s, memory_s, ici_s)
     report["tasks"][task] = {
-        "compile_s": compile_s,
-        "argument_bytes": memory.argument_size_in_bytes,
-        "output_bytes": memory.output_size_in_bytes,
-        "alias_bytes": memory.alias_size_in_bytes,
-        "temp_bytes": memory.temp_size_in_bytes,
-        "total_bytes": per_device_bytes,
-        "hbm_bytes": chip.hbm_bytes,
-        "fits": per_device_bytes <= chip.hbm_bytes,
-        "model_flops": model_flops,
-        "hardware_flops": hardware_flops,
-        "compiler_flops_per_device": float(cost.get("flops", 0.0)),
-        "compiler_bytes_accessed_per_device": compiler_bytes,
-        "hbm_traffic_per_device": hbm_traffic,
-        "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
-        "compute_bound_s": compute_s, "memory_bound_s": memory_s, "ici_bound_s": ici_s,
-        "estimated_step_s": step_s,
-        "implied_mfu": model_flops / (step_s * chips * chip.peak_bf16_flops),
+      "compile_s": compile_s,
+      "argument_bytes": memory.argument_size_in_bytes,
+      "output_bytes": memory.output_size_in_bytes,
+      "alias_bytes": memory.alias_size_in_bytes,
+      "temp_bytes": memory.temp_size_in_bytes,
+      "total_bytes": per_device_bytes,
+      "hbm_bytes": chip.hbm_bytes,
+      "fits": per_device_bytes <= chip.hbm_bytes,
+      "model_flops": model_flops,
+      "hardware_flops": hardware_flops,
+      "compiler_flops_per_device": float(cost.get("flops", 0.0)),
+      "compiler_bytes_accessed_per_device": compiler_bytes,
+      "hbm_traffic_per_device": hbm_traffic,
+      "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
+      "compute_bound_s": compute_s,
+      "memory_bound_s": memory_s,
+      "ici_bound_s": ici_s,
+      "estimated_step_s": step_s,
+      "implied_mfu": model_flops / (step_s * chips * chip.peak_bf16_flops),
     }
   return report
 
 
 def format_report(report: dict) -> str:
-  lines = [f"{report['topology']} ({report['chips']} x {report['chip']}), mesh {report['mesh']}, "
-           f"global batch {report['global_batch']}, {report['llm']} + {report['vision']}, "
-           f"{report['frames']} frames x {report['tokens_per_frame']} tokens, cached visual "
-           f"tokens {report['cached_visual_tokens']}, remat {report['remat']}, "
-           f"{report['attention']} attention, "
-           f"{report['trainable_params']:,} trainable / {report['frozen_params']:,} frozen params"]
+  lines = [
+    f"{report['topology']} ({report['chips']} x {report['chip']}), mesh {report['mesh']}, "
+    f"global batch {report['global_batch']}, {report['llm']} + {report['vision']}, "
+    f"{report['frames']} frames x {report['tokens_per_frame']} tokens, cached visual "
+    f"tokens {report['cached_visual_tokens']}, remat {report['remat']}, "
+    f"{report['attention']} attention, "
+    f"{report['trainable_params']:,} trainable / {report['frozen_params']:,} frozen params"
+  ]
   for task, r in report["tasks"].items():
     gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 4 else f"{b / 2**20:.1f} MiB"
     if "compile_error" in r:
@@ -183,24 +227,25 @@ def format_report(report: dict) -> str:
     decimal = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.2f} MB"
     compiler = decimal(r["compiler_bytes_accessed_per_device"])
     memory_source = (
-        f"compiler's {compiler} accessed: the program has a loop of unknown length"
-        if r["hbm_traffic_per_device"] is None else
-        f"{decimal(r['hbm_traffic_per_device'])} of HBM traffic; the compiler's "
-        f"{compiler} accessed counts on-chip VMEM too")
+      f"compiler's {compiler} accessed: the program has a loop of unknown length"
+      if r["hbm_traffic_per_device"] is None
+      else f"{decimal(r['hbm_traffic_per_device'])} of HBM traffic; the compiler's "
+      f"{compiler} accessed counts on-chip VMEM too"
+    )
     lines += [
-        f"  {task} step (compiled in {r['compile_s']:.0f} s), per device:",
-        f"    memory: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
-        f"aliased (donated) {gib(r['alias_bytes'])}, temporaries {gib(r['temp_bytes'])}; "
-        f"total {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM -> "
-        f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"    FLOPs per step: model {r['model_flops']:.3e}, hardware (with remat) "
-        f"{r['hardware_flops']:.3e}; compiler's count {r['compiler_flops_per_device']:.3e} "
-        f"per device ({r['compiler_flops_per_device'] * report['chips']:.3e} in all)",
-        f"    step time: compute bound {r['compute_bound_s'] * 1e3:.1f} ms, memory bound "
-        f"{r['memory_bound_s'] * 1e3:.1f} ms ({memory_source}), "
-        f"ICI bound {r['ici_bound_s'] * 1e3:.1f} ms -> estimated "
-        f"{r['estimated_step_s'] * 1e3:.1f} ms; compiler's optimal_seconds "
-        f"{opt:.3g}{' (negative: meaningless)' if opt < 0 else ''}",
-        f"    implied model-FLOPs utilisation {100 * r['implied_mfu']:.1f}%",
+      f"  {task} step (compiled in {r['compile_s']:.0f} s), per device:",
+      f"    memory: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
+      f"aliased (donated) {gib(r['alias_bytes'])}, temporaries {gib(r['temp_bytes'])}; "
+      f"total {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM -> "
+      f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
+      f"    FLOPs per step: model {r['model_flops']:.3e}, hardware (with remat) "
+      f"{r['hardware_flops']:.3e}; compiler's count {r['compiler_flops_per_device']:.3e} "
+      f"per device ({r['compiler_flops_per_device'] * report['chips']:.3e} in all)",
+      f"    step time: compute bound {r['compute_bound_s'] * 1e3:.1f} ms, memory bound "
+      f"{r['memory_bound_s'] * 1e3:.1f} ms ({memory_source}), "
+      f"ICI bound {r['ici_bound_s'] * 1e3:.1f} ms -> estimated "
+      f"{r['estimated_step_s'] * 1e3:.1f} ms; compiler's optimal_seconds "
+      f"{opt:.3g}{' (negative: meaningless)' if opt < 0 else ''}",
+      f"    implied model-FLOPs utilisation {100 * r['implied_mfu']:.1f}%",
     ]
   return "\n".join(lines)

@@ -4,6 +4,7 @@ Compiles the real train step for a TPU topology from a CPU host (needs libtpu, n
 prints per device: memory, FLOPs and step-time bounds (`train/aot.py` says what each number
 is). Exits 1 when the step does not fit the chip's HBM, 2 on a configuration error.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Experiment config (configs/*.py[:arg]).", lock_config=True
+)
 flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2, v5e:4x4, v5p:2x2x1.")
 flags.DEFINE_string("json_out", None, "Also write the report as JSON to this file.")
 
@@ -24,6 +26,7 @@ def main(argv):
     raise app.UsageError("--topology is required, e.g. --topology=v5e:4x4")
   from train.aot import GIB, compile_report, format_report
   from train.trainer import ConfigError
+
   try:
     report = compile_report(flags.FLAGS.config, flags.FLAGS.topology)
   except ConfigError as e:
@@ -37,14 +40,19 @@ def main(argv):
   if too_big:
     for task, r in too_big:
       if "compile_error" in r:
-        print(f"error: the {task} step does not fit the {r['hbm_bytes'] / GIB:.2f} GiB HBM of a "
-              f"{report['chip']} chip: {r['compile_error']}", file=sys.stderr)
+        print(
+          f"error: the {task} step does not fit the {r['hbm_bytes'] / GIB:.2f} GiB HBM of a "
+          f"{report['chip']} chip: {r['compile_error']}",
+          file=sys.stderr,
+        )
         continue
-      print(f"error: the {task} step needs {r['total_bytes'] / GIB:.2f} GiB per device "
-            f"(arguments {r['argument_bytes'] / GIB:.2f} + outputs {r['output_bytes'] / GIB:.2f} "
-            f"- aliased {r['alias_bytes'] / GIB:.2f} + temporaries {r['temp_bytes'] / GIB:.2f}), "
-            f"more than the {r['hbm_bytes'] / GIB:.2f} GiB HBM of a {report['chip']} chip",
-            file=sys.stderr)
+      print(
+        f"error: the {task} step needs {r['total_bytes'] / GIB:.2f} GiB per device "
+        f"(arguments {r['argument_bytes'] / GIB:.2f} + outputs {r['output_bytes'] / GIB:.2f} "
+        f"- aliased {r['alias_bytes'] / GIB:.2f} + temporaries {r['temp_bytes'] / GIB:.2f}), "
+        f"more than the {r['hbm_bytes'] / GIB:.2f} GiB HBM of a {report['chip']} chip",
+        file=sys.stderr,
+      )
     sys.exit(1)
 
 

@@ -2,6 +2,7 @@
 computes) and the bytes of its collectives. Counted from the config alone, no compilation;
 the AOT report (`train/aot.py`) and the benchmarks use them.
 """
+
 from __future__ import annotations
 
 from frameselect_jax.models.attention import attention_pairs
@@ -19,11 +20,19 @@ def llm_block_flops(llm, lora_rank=0, keys_values_only=False):
   q, kv = llm.num_attention_heads * hd, llm.num_key_value_heads * hd
   shapes = [(d, kv), (d, kv)]
   if not keys_values_only:
-    shapes += [(d, q), (q, d), (d, llm.intermediate_size), (d, llm.intermediate_size),
-               (llm.intermediate_size, d)]
+    shapes += [
+      (d, q),
+      (q, d),
+      (d, llm.intermediate_size),
+      (d, llm.intermediate_size),
+      (llm.intermediate_size, d),
+    ]
   frozen = sum(_dense_flops(i, o) for i, o in shapes)
-  lora = sum(_dense_flops(i, lora_rank) + _dense_flops(lora_rank, o) for i, o in shapes) \
-      if lora_rank else 0
+  lora = (
+    sum(_dense_flops(i, lora_rank) + _dense_flops(lora_rank, o) for i, o in shapes)
+    if lora_rank
+    else 0
+  )
   per_pair = 2 * 2 * q  # scores and weighted values
   return frozen, lora, per_pair
 
@@ -31,12 +40,12 @@ def llm_block_flops(llm, lora_rank=0, keys_values_only=False):
 def vision_tower_flops(vision, frames):
   """Forward FLOPs of the vision tower on `frames` frames: patch embedding, projections, MLP
   and attention of every block."""
-  tokens = vision.grid_size ** 2
+  tokens = vision.grid_size**2
   per_token = vision.num_hidden_layers * (
-      4 * _dense_flops(vision.hidden_size, vision.hidden_size)
-      + 2 * _dense_flops(vision.hidden_size, vision.intermediate_size)
-      + 2 * 2 * tokens * vision.hidden_size) \
-      + _dense_flops(vision.patch_size ** 2 * 3, vision.hidden_size)
+    4 * _dense_flops(vision.hidden_size, vision.hidden_size)
+    + 2 * _dense_flops(vision.hidden_size, vision.intermediate_size)
+    + 2 * 2 * tokens * vision.hidden_size
+  ) + _dense_flops(vision.patch_size**2 * 3, vision.hidden_size)
   return frames * tokens * per_token
 
 
@@ -53,8 +62,11 @@ def step_flops(config, selector_cfg, task, cached, attention="xla"):
     seq, lm_head_tokens = visual_tokens + config.data.max_question_length + 1, 0
     blocks = max(llm.num_hidden_layers - (2 if query_row_only else 1), 0)
   else:
-    seq, blocks, lm_head_tokens = visual_tokens + config.data.max_instruction_length, \
-        llm.num_hidden_layers, config.data.max_instruction_length
+    seq, blocks, lm_head_tokens = (
+      visual_tokens + config.data.max_instruction_length,
+      llm.num_hidden_layers,
+      config.data.max_instruction_length,
+    )
   frozen, lora, per_pair = llm_block_flops(llm, lora_rank)
   needed_pairs, computed_pairs = attention_pairs(seq, attention)
   # The flash backward recomputes the scores in both of its kernels: 7 pair-matmuls, 3.5x
@@ -82,8 +94,10 @@ def step_flops(config, selector_cfg, task, cached, attention="xla"):
     block_bwd_hw += kv_bwd + row_bwd
   # Projector (trainable) on visual tokens; LM head (frozen, tied) on the text positions;
   # score head once per example.
-  proj_fwd = visual_tokens * (_dense_flops(vision.hidden_size, llm.hidden_size)
-                              + _dense_flops(llm.hidden_size, llm.hidden_size))
+  proj_fwd = visual_tokens * (
+    _dense_flops(vision.hidden_size, llm.hidden_size)
+    + _dense_flops(llm.hidden_size, llm.hidden_size)
+  )
   head_fwd = lm_head_tokens * _dense_flops(llm.hidden_size, llm.vocab_size)
   n, d = selector_cfg.num_candidates, llm.hidden_size
   if query_row_only:
@@ -111,8 +125,11 @@ def ici_bytes_per_chip(config, selector_cfg, task, mesh, params_bytes, trainable
   if tensor == 1:
     return gather
   llm = selector_cfg.llm
-  seq = selector_cfg.num_visual_tokens + (config.data.max_question_length + 1 if task == "importance"
-                                          else config.data.max_instruction_length)
+  seq = selector_cfg.num_visual_tokens + (
+    config.data.max_question_length + 1
+    if task == "importance"
+    else config.data.max_instruction_length
+  )
   local_batch = config.data.global_batch_size / (mesh.shape["data"] * fsdp)
   activation = local_batch * seq * llm.hidden_size * 2  # bf16
   # ring all-reduce moves 2 (t-1)/t of the buffer; 2 per block per pass

@@ -5,20 +5,45 @@ lives; at small per-chip batches memory-space assignment keeps most activations 
 VMEM (layout S(1)), so that number is mostly not HBM traffic. `hbm_bytes_accessed` counts
 only what crosses HBM (see its docstring for the rules).
 """
+
 from __future__ import annotations
 
 import math
 import re
 
-_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
-                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+}
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\](\{[^}]*\})?")
 _INSTRUCTION = re.compile(r"^(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 # Ops that move no data of their own (metadata, tuples, aliases); async *-start ops are
 # counted at their *-done.
-_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
-               "partition-id", "replica-id", "opt-barrier"}
+_NO_TRAFFIC = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "opt-barrier",
+}
 
 
 def _buffers(type_text: str):
@@ -64,8 +89,11 @@ def hbm_bytes_accessed(hlo_text: str) -> float | None:
         operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
         computations[current].append((name, typ, op, operands, line))
   instructions = {i[0]: i for body in computations.values() for i in body}
-  roots = {c: next((i for i in body if i[4].lstrip().startswith("ROOT")), body[-1])
-           for c, body in computations.items() if body}
+  roots = {
+    c: next((i for i in body if i[4].lstrip().startswith("ROOT")), body[-1])
+    for c, body in computations.items()
+    if body
+  }
 
   def through_copies(name):
     while instructions[name][2] in ("copy", "bitcast"):
@@ -125,12 +153,13 @@ def hbm_bytes_accessed(hlo_text: str) -> float | None:
         skip = int(in_place.group(1))
         update = _buffers(instructions[fused[3][1]][1])[0][0]
         return (update if _hbm_size(typ) else 0) + sum(
-            hbm(o) for k, o in enumerate(operands) if k != skip)
+          hbm(o) for k, o in enumerate(operands) if k != skip
+        )
     return op_traffic(typ, operands)
 
   def traffic(computation):
     total = 0.0
-    for name, typ, op, operands, line in computations[computation]:
+    for _name, typ, op, operands, line in computations[computation]:
       if op in _NO_TRAFFIC or op.endswith("-start"):
         continue
       if op == "while":
@@ -140,8 +169,10 @@ def hbm_bytes_accessed(hlo_text: str) -> float | None:
           return None
         total += trips * step
       elif op == "conditional":
-        branches = re.findall(r"%([\w.\-]+)", re.search(
-            r"(?:branch_computations=\{([^}]*)\}|true_computation=.*)", line).group(0))
+        branches = re.findall(
+          r"%([\w.\-]+)",
+          re.search(r"(?:branch_computations=\{([^}]*)\}|true_computation=.*)", line).group(0),
+        )
         costs = [traffic(b) for b in branches if b in computations]
         if any(c is None for c in costs):
           return None

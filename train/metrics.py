@@ -3,6 +3,7 @@
 Only process 0 writes. A resumed run appends to the same JSONL, after a {"event": "resume"}
 line, so the last line of a step is the one that counts.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import time
 
 
 class MetricWriter:
-
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.enabled = enabled
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
@@ -20,6 +20,7 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       self.jsonl = open(self.jsonl_path, "a", buffering=1)
       from tensorboardX import SummaryWriter
+
       self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def event(self, name: str, **fields):
@@ -44,4 +45,3 @@ class MetricWriter:
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
-

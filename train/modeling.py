@@ -5,6 +5,7 @@ adapters to the LLM and trains them too. The split uses NNX filters; the parts l
 module as plain nested dicts of arrays placed on their mesh shardings (frozen ones cast to
 `model.frozen_dtype`), ready for the pure train step.
 """
+
 from __future__ import annotations
 
 import jax
@@ -30,20 +31,24 @@ def shardings_of(state, mesh, rules):
 
 
 def abstract_of(pure, shardings, dtype_of=lambda x: x.dtype):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype_of(x), sharding=s),
-                      pure, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype_of(x), sharding=s), pure, shardings
+  )
 
 
 def place(pure, shardings, dtype_fn=lambda x: x.dtype):
   """Puts every array of a nested dict on its sharding (each process supplies only the
   slices its devices hold), cast with dtype_fn."""
+
   def put(x, sharding):
     dtype = dtype_fn(x)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return jax.jit(lambda a: a.astype(dtype), out_shardings=sharding)(x)
     host = np.asarray(jax.device_get(x))
-    return jax.make_array_from_callback(host.shape, sharding,
-                                        lambda index: np.asarray(host[index]).astype(dtype))
+    return jax.make_array_from_callback(
+      host.shape, sharding, lambda index: np.asarray(host[index]).astype(dtype)
+    )
+
   return jax.tree.map(put, pure, shardings)
 
 
@@ -74,7 +79,9 @@ def prepare(config, mesh, rules):
   param_shardings = shardings_of(params_state, mesh, rules)
   frozen_shardings = shardings_of(frozen_state, mesh, rules)
   params = place(nnx.to_pure_dict(params_state), param_shardings, _param_dtype)
-  frozen = place(nnx.to_pure_dict(frozen_state), frozen_shardings, frozen_dtype(config.model.frozen_dtype))
+  frozen = place(
+    nnx.to_pure_dict(frozen_state), frozen_shardings, frozen_dtype(config.model.frozen_dtype)
+  )
   return graphdef, params, frozen, param_shardings, frozen_shardings
 
 
@@ -84,7 +91,9 @@ def prepare_abstract(config, mesh, rules):
   param_shardings = shardings_of(params_state, mesh, rules)
   frozen_shardings = shardings_of(frozen_state, mesh, rules)
   params = abstract_of(nnx.to_pure_dict(params_state), param_shardings, lambda x: jnp.float32)
-  frozen = abstract_of(nnx.to_pure_dict(frozen_state), frozen_shardings, frozen_dtype(config.model.frozen_dtype))
+  frozen = abstract_of(
+    nnx.to_pure_dict(frozen_state), frozen_shardings, frozen_dtype(config.model.frozen_dtype)
+  )
   return graphdef, params, frozen, param_shardings, frozen_shardings
 
 

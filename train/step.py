@@ -5,13 +5,15 @@ Parameters travel as plain nested dicts of arrays: `params` (trainable, fp32) an
 function of arrays that jax.jit compiles once, and gradients and optimizer state exist only
 for `params`. The trainer and the AOT compiler (train/compile.py) build the very same step.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from frameselect_jax import selection
 from frameselect_jax import sharding as shd
@@ -19,8 +21,8 @@ from frameselect_jax.video import normalize
 
 TASKS = ("instruction", "importance")
 MODEL_INPUTS = {
-    "importance": ("valid", "labels", "question_ids", "question_mask", "weight"),
-    "instruction": ("valid", "text_ids", "text_mask", "answer_mask", "weight"),
+  "importance": ("valid", "labels", "question_ids", "question_mask", "weight"),
+  "instruction": ("valid", "text_ids", "text_mask", "answer_mask", "weight"),
 }
 
 
@@ -31,16 +33,22 @@ def step_fields(task: str, cached: bool) -> tuple[str, ...]:
 
 # --- Optimizer ---
 
+
 def make_schedule(train_config, total_steps: int):
   lr = train_config.lr
   warmup = int(round(train_config.warmup_fraction * total_steps))
   if train_config.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=lr * train_config.end_lr_fraction)
+      init_value=0.0,
+      peak_value=lr,
+      warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=lr * train_config.end_lr_fraction,
+    )
   if train_config.schedule == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
-                                 optax.constant_schedule(lr)], [warmup])
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup]
+    )
   raise ValueError(f"unknown schedule {train_config.schedule!r}; choose cosine or constant")
 
 
@@ -49,21 +57,32 @@ def make_optimizer(train_config, total_steps: int):
   schedule = make_schedule(train_config, total_steps)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   tx = optax.chain(
-      optax.clip_by_global_norm(train_config.grad_clip_norm),
-      optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2, eps=train_config.eps,
-                  weight_decay=train_config.weight_decay, mask=decay_mask))
+    optax.clip_by_global_norm(train_config.grad_clip_norm),
+    optax.adamw(
+      schedule,
+      b1=train_config.b1,
+      b2=train_config.b2,
+      eps=train_config.eps,
+      weight_decay=train_config.weight_decay,
+      mask=decay_mask,
+    ),
+  )
   return tx, schedule
 
 
 # --- Model passes and losses (sums and counts, so that accumulation and sharding are exact) ---
+
 
 def merge_model(graphdef, params, frozen, vision_abstract=None):
   """The Selector from its parts. With cached visual tokens the vision tower's weights are
   not step inputs at all: zeros stand in for them, which nothing reads, so XLA drops them."""
   states = [nnx.State(params), nnx.State(frozen)]
   if vision_abstract is not None:
-    states.append(nnx.State({"vision_tower": jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), vision_abstract)}))
+    states.append(
+      nnx.State(
+        {"vision_tower": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), vision_abstract)}
+      )
+    )
   return nnx.merge(graphdef, *states)
 
 
@@ -77,8 +96,13 @@ def visual_tokens(model, batch):
 def importance_sums(model, batch, attention=None):
   """Binary cross-entropy of the n logits against the soft labels over valid candidates."""
   valid = batch["valid"]
-  logits = model.score(visual_tokens(model, batch), batch["question_ids"],
-                       batch["question_mask"], valid, attention=attention)
+  logits = model.score(
+    visual_tokens(model, batch),
+    batch["question_ids"],
+    batch["question_mask"],
+    valid,
+    attention=attention,
+  )
   logits = jnp.where(valid, logits, 0.0)  # invalid logits are -inf: keep them out of the loss
   mask = valid.astype(jnp.float32) * batch["weight"][:, None]
   bce = optax.sigmoid_binary_cross_entropy(logits, batch["labels"])
@@ -87,8 +111,13 @@ def importance_sums(model, batch, attention=None):
 
 def instruction_sums(model, batch, attention=None):
   """Next-token cross-entropy on the answer tokens, given the visual tokens and the prompt."""
-  logits = model.instruction_logits(visual_tokens(model, batch), batch["text_ids"],
-                                    batch["text_mask"], batch["valid"], attention=attention)
+  logits = model.instruction_logits(
+    visual_tokens(model, batch),
+    batch["text_ids"],
+    batch["text_mask"],
+    batch["valid"],
+    attention=attention,
+  )
   targets = batch["text_ids"][:, 1:]
   mask = batch["answer_mask"][:, 1:].astype(jnp.float32) * batch["weight"][:, None]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
@@ -112,8 +141,9 @@ def loss_count(task, batch):
   return jnp.sum(batch["answer_mask"][:, 1:].astype(jnp.float32) * batch["weight"][:, None])
 
 
-def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abstract=None,
-                    mesh=None, attention=None):
+def make_train_step(
+  graphdef, tx, *, task: str, accum_steps: int = 1, vision_abstract=None, mesh=None, attention=None
+):
   """step(params, frozen, opt_state, batch) -> (params, opt_state, metrics).
 
   With accum_steps > 1 the global batch is split into that many micro-batches (each still
@@ -140,6 +170,7 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
     if accum_steps == 1:
       (loss, stats), grads = grad_fn(params, frozen, batch, count)
     else:
+
       def split(x):
         # Row r = m * accum + a: micro-batch a takes every accum-th row, so each device
         # keeps its own rows in every micro-batch (no data movement).
@@ -147,6 +178,7 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
         if mesh is not None:
           x = jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim - 1, (None,)))
         return x
+
       micro_batches = jax.tree.map(split, batch)
 
       def body(carry, micro):
@@ -155,8 +187,7 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), stats
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      (loss, grads), stats = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                          micro_batches)
+      (loss, grads), stats = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro_batches)
       stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)  # over the micro-batches
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -169,8 +200,9 @@ def make_train_step(graphdef, tx, *, task: str, accum_steps: int = 1, vision_abs
   return step
 
 
-def make_validation_step(graphdef, *, ks, relevant_label: float, vision_abstract=None,
-                         attention=None):
+def make_validation_step(
+  graphdef, *, ks, relevant_label: float, vision_abstract=None, attention=None
+):
   """validate(params, frozen, batch) -> sums over the batch's examples.
 
   BCE over valid frames, and for each k: recall@k and hit@k (selection.py) of the k frames
@@ -185,13 +217,18 @@ def make_validation_step(graphdef, *, ks, relevant_label: float, vision_abstract
     valid, weight = batch["valid"], batch["weight"]
     relevant = (batch["labels"] >= relevant_label) & valid
     scored = weight * selection.has_relevant(relevant)
-    out = {"bce_sum": bce_sum, "bce_count": count, "examples": jnp.sum(weight),
-           "scored": jnp.sum(scored)}
+    out = {
+      "bce_sum": bce_sum,
+      "bce_count": count,
+      "examples": jnp.sum(weight),
+      "scored": jnp.sum(scored),
+    }
     for k in ks:
-      picks = {"": selection.select_batch("nms_greedy", jnp.where(valid, logits, -jnp.inf),
-                                          valid, k),
-               "uniform_": selection.select_batch("uniform", logits, valid, k),
-               "oracle_": selection.select_batch("nms_greedy", batch["labels"], valid, k)}
+      picks = {
+        "": selection.select_batch("nms_greedy", jnp.where(valid, logits, -jnp.inf), valid, k),
+        "uniform_": selection.select_batch("uniform", logits, valid, k),
+        "oracle_": selection.select_batch("nms_greedy", batch["labels"], valid, k),
+      }
       for name, chosen in picks.items():
         for metric, fn in (("recall", selection.recall_at_k), ("hit", selection.hit_at_k)):
           value = jnp.nan_to_num(fn(chosen, relevant))
@@ -203,6 +240,7 @@ def make_validation_step(graphdef, *, ks, relevant_label: float, vision_abstract
 
 # --- Shardings of the step's inputs and outputs ---
 
+
 def batch_shardings(mesh, spec, fields):
   """Each field's leading (batch) axis over (data, fsdp), the rest replicated."""
   shapes = spec.shapes(cached="visual" in fields)
@@ -213,21 +251,32 @@ def opt_state_shardings(tx, abstract_params, param_shardings, mesh):
   """Optimizer moments shard like their parameters; step counters are replicated."""
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, P())
-  return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
-                               transform_non_params=lambda _: replicated)
+  return optax.tree_map_params(
+    tx,
+    lambda _, sharding: sharding,
+    abstract_opt,
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+  )
 
 
-def jit_train_step(step, *, param_shardings, frozen_shardings, opt_shardings, batch_shardings,
-                   mesh):
+def jit_train_step(
+  step, *, param_shardings, frozen_shardings, opt_shardings, batch_shardings, mesh
+):
   """One jax.jit with explicit shardings; params and optimizer state are donated."""
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step,
-                 in_shardings=(param_shardings, frozen_shardings, opt_shardings, batch_shardings),
-                 out_shardings=(param_shardings, opt_shardings, replicated),
-                 donate_argnums=(0, 2))
+  return jax.jit(
+    step,
+    in_shardings=(param_shardings, frozen_shardings, opt_shardings, batch_shardings),
+    out_shardings=(param_shardings, opt_shardings, replicated),
+    donate_argnums=(0, 2),
+  )
 
 
 def jit_validation_step(step, *, param_shardings, frozen_shardings, batch_shardings, mesh):
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(param_shardings, frozen_shardings, batch_shardings),
-                 out_shardings=replicated)
+  return jax.jit(
+    step,
+    in_shardings=(param_shardings, frozen_shardings, batch_shardings),
+    out_shardings=replicated,
+  )

@@ -4,15 +4,14 @@ Reads top to bottom: check the config, join the other processes, build the mesh,
 and the optimizer, fill the visual-token cache, build the data pipeline, resume from the
 latest checkpoint, then loop: one jitted step per batch, metrics, evaluation, checkpoints.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
-import sys
 import time
 
 import grain
@@ -24,16 +23,18 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from frameselect_jax import checkpoint as ckpt
-from frameselect_jax import experiment
-from frameselect_jax import hf
-from frameselect_jax import input_pipeline
-from frameselect_jax import records
+from frameselect_jax import (
+  experiment,
+  hf,
+  input_pipeline,
+  records,
+  synthetic,
+  text,
+  video,
+  visual_cache,
+)
 from frameselect_jax import sharding as shd
-from frameselect_jax import synthetic
-from frameselect_jax import video
-from frameselect_jax import visual_cache
 from frameselect_jax.models import attention as attention_lib
-from frameselect_jax import text
 from train import modeling
 from train import step as step_lib
 from train.metrics import MetricWriter
@@ -48,13 +49,15 @@ NEEDLE_SPLITS = ("train", "test")
 
 # --- Configuration checks ---
 
+
 def parse_task_ratio(text: str) -> tuple[int, int]:
   """'a:b' -> (instruction batches, importance batches) per cycle."""
   try:
     a, b = (int(x) for x in str(text).split(":"))
   except ValueError:
-    raise ConfigError(f"train.task_ratio must look like 'instruction:importance' (e.g. 1:1), "
-                      f"got {text!r}") from None
+    raise ConfigError(
+      f"train.task_ratio must look like 'instruction:importance' (e.g. 1:1), got {text!r}"
+    ) from None
   if a < 0 or b < 0 or a + b == 0:
     raise ConfigError(f"train.task_ratio {text!r} needs non-negative counts, not both zero")
   return a, b
@@ -78,15 +81,19 @@ def check_config(config, runtime: bool = True):
   n = selector_cfg.num_candidates
   ks = tuple(config.validation.ks)
   if not ks or any(not isinstance(k, int) or not 1 <= k <= n for k in ks):
-    raise ConfigError(f"validation.ks={ks} must be frame budgets in [1, n={n}] "
-                      "(model.num_candidates)")
+    raise ConfigError(
+      f"validation.ks={ks} must be frame budgets in [1, n={n}] (model.num_candidates)"
+    )
   if not 0 < config.validation.relevant_label <= 1:
-    raise ConfigError(f"validation.relevant_label={config.validation.relevant_label} must be "
-                      "in (0, 1]")
+    raise ConfigError(
+      f"validation.relevant_label={config.validation.relevant_label} must be in (0, 1]"
+    )
   ratio = parse_task_ratio(config.train.task_ratio)
   if config.stage == 2 and ratio[0]:
-    raise ConfigError(f"stage 2 trains importance prediction only; train.task_ratio "
-                      f"{config.train.task_ratio!r} asks for instruction batches (use 0:1)")
+    raise ConfigError(
+      f"stage 2 trains importance prediction only; train.task_ratio "
+      f"{config.train.task_ratio!r} asks for instruction batches (use 0:1)"
+    )
   if config.train.grad_accum_steps < 1:
     raise ConfigError(f"train.grad_accum_steps must be >= 1, got {config.train.grad_accum_steps}")
   if config.train.lr <= 0:
@@ -94,8 +101,9 @@ def check_config(config, runtime: bool = True):
   if not runtime:
     return selector_cfg, ratio
   if config.data.source == "array_record" and not config.data.train_path:
-    raise ConfigError("data.source='array_record' needs data.train_path (a glob of "
-                      "array_record files)")
+    raise ConfigError(
+      "data.source='array_record' needs data.train_path (a glob of array_record files)"
+    )
   if config.data.source == "tfds" and not config.data.tfds_name:
     raise ConfigError("data.source='tfds' needs data.tfds_name")
   if config.data.source not in SOURCES:
@@ -106,18 +114,23 @@ def check_config(config, runtime: bool = True):
     except (TypeError, ValueError) as e:
       raise ConfigError(f"data.needle: {e}") from None
     if config.data.needle.backend not in video.BACKENDS:
-      raise ConfigError(f"data.needle.backend={config.data.needle.backend!r}; choose one of "
-                        f"{video.BACKENDS}")
+      raise ConfigError(
+        f"data.needle.backend={config.data.needle.backend!r}; choose one of {video.BACKENDS}"
+      )
   if not config.data.tokenizer and not config.model.llm_dir:
-    raise ConfigError("data.tokenizer is empty and there is no model.llm_dir to take the "
-                      "tokenizer from; use a built-in one for tiny presets "
-                      f"({sorted(text.BUILTIN_TOKENIZERS)}) or a tokenizer directory")
+    raise ConfigError(
+      "data.tokenizer is empty and there is no model.llm_dir to take the "
+      "tokenizer from; use a built-in one for tiny presets "
+      f"({sorted(text.BUILTIN_TOKENIZERS)}) or a tokenizer directory"
+    )
   if config.stage == 2:
     if not config.train.init_from:
       raise ConfigError("stage 2 starts from a stage-1 checkpoint: set train.init_from")
     if ckpt.latest_step(config.train.init_from) is None:
-      raise ConfigError(f"stage 2 needs a stage-1 checkpoint, but train.init_from="
-                        f"{config.train.init_from!r} holds none (run stage 1 first)")
+      raise ConfigError(
+        f"stage 2 needs a stage-1 checkpoint, but train.init_from="
+        f"{config.train.init_from!r} holds none (run stage 1 first)"
+      )
   return selector_cfg, ratio
 
 
@@ -132,18 +145,24 @@ def check_batch(config, mesh, process_count: int):
   batch = config.data.global_batch_size
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch % data_parallel:
-    raise ConfigError(f"data.global_batch_size={batch} is not divisible by the data parallelism "
-                      f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {data_parallel}")
+    raise ConfigError(
+      f"data.global_batch_size={batch} is not divisible by the data parallelism "
+      f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {data_parallel}"
+    )
   if batch % process_count:
-    raise ConfigError(f"data.global_batch_size={batch} is not divisible by the "
-                      f"{process_count} processes")
+    raise ConfigError(
+      f"data.global_batch_size={batch} is not divisible by the {process_count} processes"
+    )
   accum = config.train.grad_accum_steps
   if (batch // data_parallel) % accum:
-    raise ConfigError(f"per-device batch {batch // data_parallel} is not divisible by "
-                      f"train.grad_accum_steps={accum}")
+    raise ConfigError(
+      f"per-device batch {batch // data_parallel} is not divisible by "
+      f"train.grad_accum_steps={accum}"
+    )
 
 
 # --- Processes, data, tokenizer ---
+
 
 def setup_distributed(config):
   d = config.distributed
@@ -151,8 +170,11 @@ def setup_distributed(config):
     return
   if d.coordinator_address:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # no-op on TPU/GPU
-    jax.distributed.initialize(coordinator_address=d.coordinator_address,
-                               num_processes=d.num_processes, process_id=d.process_id)
+    jax.distributed.initialize(
+      coordinator_address=d.coordinator_address,
+      num_processes=d.num_processes,
+      process_id=d.process_id,
+    )
   else:
     jax.distributed.initialize()  # TPU pods and SLURM/Kubernetes: detected from the environment
 
@@ -185,8 +207,9 @@ def write_needle_data(config, workdir: str) -> str:
   root = needle_directory(config, workdir)
   if jax.process_index() == 0:
     splits = {"train": config.data.needle.train_videos, "test": config.data.needle.test_videos}
-    synthetic.write_needle_benchmark(root, splits, needle_settings(config),
-                                     progress=config.log.progress)
+    synthetic.write_needle_benchmark(
+      root, splits, needle_settings(config), progress=config.log.progress
+    )
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("needle benchmark written")
   return root
@@ -203,15 +226,18 @@ def make_sources(config, selector_cfg, workdir):
   if d.source == "needle":
     root = write_needle_data(config, workdir)
     show = config.log.progress and jax.process_index() == 0
-    return tuple(input_pipeline.needle_source(root, split, n, size, backend=d.needle.backend,
-                                              progress=show) for split in NEEDLE_SPLITS)
+    return tuple(
+      input_pipeline.needle_source(root, split, n, size, backend=d.needle.backend, progress=show)
+      for split in NEEDLE_SPLITS
+    )
   if d.source == "array_record":
     train = input_pipeline.ArrayRecordSource(d.train_path)
     held_out = input_pipeline.ArrayRecordSource(d.eval_path) if d.eval_path else None
     return train, held_out
   train = input_pipeline.tfds_source(d.tfds_name, d.train_split, d.tfds_dir)
-  held_out = (input_pipeline.tfds_source(d.tfds_name, d.eval_split, d.tfds_dir)
-              if d.eval_split else None)
+  held_out = (
+    input_pipeline.tfds_source(d.tfds_name, d.eval_split, d.tfds_dir) if d.eval_split else None
+  )
   return train, held_out
 
 
@@ -232,16 +258,21 @@ def check_sources(sources, transform):
 
 def example_spec(config, selector_cfg) -> input_pipeline.ExampleSpec:
   return input_pipeline.ExampleSpec(
-      num_candidates=selector_cfg.num_candidates, image_size=selector_cfg.vision.image_size,
-      tokens_per_frame=selector_cfg.tokens_per_frame, vision_width=selector_cfg.vision.hidden_size,
-      max_question_length=config.data.max_question_length,
-      max_instruction_length=config.data.max_instruction_length, visual_dtype=config.model.dtype)
+    num_candidates=selector_cfg.num_candidates,
+    image_size=selector_cfg.vision.image_size,
+    tokens_per_frame=selector_cfg.tokens_per_frame,
+    vision_width=selector_cfg.vision.hidden_size,
+    max_question_length=config.data.max_question_length,
+    max_instruction_length=config.data.max_instruction_length,
+    visual_dtype=config.model.dtype,
+  )
 
 
 def local_to_global(batch: dict, shardings: dict) -> dict:
   """Each process's rows -> one global array per field (batch axis over data x fsdp)."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k]))
-          for k in shardings}
+  return {
+    k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in shardings
+  }
 
 
 def validation_batches(source, transform, spec, cached, global_batch, process_index, process_count):
@@ -253,8 +284,10 @@ def validation_batches(source, transform, spec, cached, global_batch, process_in
 
   def local_batch(s):
     start = s * global_batch + process_index * local
-    rows = [transform(source[i]) if i < size else input_pipeline.empty_example(spec, cached)
-            for i in range(start, start + local)]
+    rows = [
+      transform(source[i]) if i < size else input_pipeline.empty_example(spec, cached)
+      for i in range(start, start + local)
+    ]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
   dataset = grain.MapDataset.range(steps).map(local_batch)
@@ -262,6 +295,7 @@ def validation_batches(source, transform, spec, cached, global_batch, process_in
 
 
 # --- Stage 2 starts from stage 1 ---
+
 
 def start_from_stage1(config, params, frozen, param_shardings, frozen_shardings):
   """Reads every top-level module stage 1 trained from train.init_from: into the trainables
@@ -280,15 +314,22 @@ def start_from_stage1(config, params, frozen, param_shardings, frozen_shardings)
     old = {k: frozen[k] for k in kept_frozen}
     abstract = modeling.abstract_of(old, {k: frozen_shardings[k] for k in kept_frozen})
     inherited, _ = ckpt.restore_params(config.train.init_from, abstract, step)
-  logging.info("stage 2: %s (trained) and %s (frozen) from %s step %d", sorted(restored),
-               sorted(inherited), config.train.init_from, step)
+  logging.info(
+    "stage 2: %s (trained) and %s (frozen) from %s step %d",
+    sorted(restored),
+    sorted(inherited),
+    config.train.init_from,
+    step,
+  )
   return {**params, **restored}, {**frozen, **inherited}, inherited
 
 
 # --- Visual-token cache ---
 
-def fill_visual_cache(config, selector_cfg, graphdef, params, frozen, train_indices, sources,
-                      cache_dir, spec):
+
+def fill_visual_cache(
+  config, selector_cfg, graphdef, params, frozen, train_indices, sources, cache_dir, spec
+):
   """Encodes every video this process will read, once, with the frozen tower on the local
   devices (each process computes only what it needs; writes are atomic)."""
   cache = visual_cache.VisualTokenCache(cache_dir)
@@ -306,25 +347,40 @@ def fill_visual_cache(config, selector_cfg, graphdef, params, frozen, train_indi
   # The tower's weights, whole on this host (they may be sharded over other processes).
   local_device = jax.local_devices()[0]
   gather = lambda tree: jax.tree.map(
-      lambda x: jax.device_put(np.asarray(multihost_utils.process_allgather(
-          x, tiled=True)) if not x.is_fully_addressable else jax.device_get(x), local_device),
-      tree)
+    lambda x: jax.device_put(
+      np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      if not x.is_fully_addressable
+      else jax.device_get(x),
+      local_device,
+    ),
+    tree,
+  )
   vision = gather(frozen["vision_tower"])
-  other = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                       {k: v for k, v in frozen.items() if k != "vision_tower"})
+  other = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+    {k: v for k, v in frozen.items() if k != "vision_tower"},
+  )
   params_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
 
   @jax.jit
   def encode(vision, frames):
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-    model = step_lib.merge_model(graphdef, zeros(params_abstract),
-                                 {**zeros(other), "vision_tower": vision})
+    model = step_lib.merge_model(
+      graphdef, zeros(params_abstract), {**zeros(other), "vision_tower": vision}
+    )
     return model.encode_frames(video.normalize(frames))
 
-  videos = ((vid, lambda s=s, i=i: records.record_frames(s[i], spec.image_size))
-            for vid, (s, i) in ids.items())
-  computed = visual_cache.fill(cache, videos, lambda frames: encode(vision, frames),
-                               total=len(ids), show_progress=jax.process_index() == 0)
+  videos = (
+    (vid, lambda s=s, i=i: records.record_frames(s[i], spec.image_size))
+    for vid, (s, i) in ids.items()
+  )
+  computed = visual_cache.fill(
+    cache,
+    videos,
+    lambda frames: encode(vision, frames),
+    total=len(ids),
+    show_progress=jax.process_index() == 0,
+  )
   return cache, computed
 
 
@@ -334,22 +390,34 @@ def cache_directory(config, selector_cfg, workdir, inherited_tower=None):
   else:
     base = os.path.join(os.path.dirname(os.path.abspath(workdir)), "visual_cache")
   key = visual_cache.fingerprint(
-      vision=str(selector_cfg.vision), pool_grid=selector_cfg.pool_grid, dtype=config.model.dtype,
-      frozen_dtype=config.model.frozen_dtype, vision_dir=config.model.vision_dir,
-      vision_files=visual_cache.directory_identity(config.model.vision_dir),
-      seed=None if config.model.vision_dir else config.seed,
-      # A tower that stage 1 trained: its weights decide the tokens.
-      trained_tower=None if inherited_tower is None else visual_cache.arrays_fingerprint(
-          inherited_tower),
-      data=[config.data.source, config.data.train_path, config.data.eval_path,
-            config.data.tfds_name, config.data.synthetic_seed,
-            config.data.synthetic_train_videos, config.data.synthetic_eval_videos,
-            config.data.needle.to_dict() if config.data.source == "needle" else None,
-            selector_cfg.num_candidates])
+    vision=str(selector_cfg.vision),
+    pool_grid=selector_cfg.pool_grid,
+    dtype=config.model.dtype,
+    frozen_dtype=config.model.frozen_dtype,
+    vision_dir=config.model.vision_dir,
+    vision_files=visual_cache.directory_identity(config.model.vision_dir),
+    seed=None if config.model.vision_dir else config.seed,
+    # A tower that stage 1 trained: its weights decide the tokens.
+    trained_tower=None
+    if inherited_tower is None
+    else visual_cache.arrays_fingerprint(inherited_tower),
+    data=[
+      config.data.source,
+      config.data.train_path,
+      config.data.eval_path,
+      config.data.tfds_name,
+      config.data.synthetic_seed,
+      config.data.synthetic_train_videos,
+      config.data.synthetic_eval_videos,
+      config.data.needle.to_dict() if config.data.source == "needle" else None,
+      selector_cfg.num_candidates,
+    ],
+  )
   return os.path.join(base, key)
 
 
 # --- The run ---
+
 
 def run(config, workdir: str | None = None) -> dict:
   """Trains one stage; returns a summary (final step, last losses, last evaluation)."""
@@ -367,71 +435,108 @@ def run(config, workdir: str | None = None) -> dict:
 
   # Data: this process's share of every global batch, in a seeded order.
   train_source, eval_source = make_sources(config, selector_cfg, workdir)
-  check_sources((train_source, eval_source), functools.partial(
-      input_pipeline.make_example, spec=spec, tokenizer=tokenizer, eos_id=eos_id,
-      vocab_size=selector_cfg.llm.vocab_size))
+  check_sources(
+    (train_source, eval_source),
+    functools.partial(
+      input_pipeline.make_example,
+      spec=spec,
+      tokenizer=tokenizer,
+      eos_id=eos_id,
+      vocab_size=selector_cfg.llm.vocab_size,
+    ),
+  )
   global_batch = config.data.global_batch_size
   steps_per_epoch = len(train_source) // global_batch
   if steps_per_epoch < 1:
-    raise ConfigError(f"the training split has {len(train_source)} records, fewer than one "
-                      f"global batch of {global_batch}")
+    raise ConfigError(
+      f"the training split has {len(train_source)} records, fewer than one "
+      f"global batch of {global_batch}"
+    )
   total_steps = config.train.num_steps or config.train.epochs * steps_per_epoch
   epochs_needed = math.ceil(total_steps / steps_per_epoch) + 1
-  batching = functools.partial(input_pipeline.global_batches, global_batch_size=global_batch,
-                               process_index=process_index, process_count=process_count,
-                               seed=config.data.shuffle_seed, num_epochs=epochs_needed)
+  batching = functools.partial(
+    input_pipeline.global_batches,
+    global_batch_size=global_batch,
+    process_index=process_index,
+    process_count=process_count,
+    seed=config.data.shuffle_seed,
+    num_epochs=epochs_needed,
+  )
 
   # Model and optimizer: trainables in fp32 with optimizer state; the rest frozen.
-  graphdef, params, frozen, param_shardings, frozen_shardings = modeling.prepare(config, mesh, rules)
+  graphdef, params, frozen, param_shardings, frozen_shardings = modeling.prepare(
+    config, mesh, rules
+  )
   inherited = {}
   if config.stage == 2:
-    params, frozen, inherited = start_from_stage1(config, params, frozen, param_shardings,
-                                                  frozen_shardings)
+    params, frozen, inherited = start_from_stage1(
+      config, params, frozen, param_shardings, frozen_shardings
+    )
   tx, schedule = step_lib.make_optimizer(config.train, total_steps)
   opt_shardings = step_lib.opt_state_shardings(tx, params, param_shardings, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
 
   # Visual tokens: computed once per video and read from disk instead of running the ViT.
   vision_abstract = None
-  transform_kw = dict(spec=spec, tokenizer=tokenizer, eos_id=eos_id,
-                      vocab_size=selector_cfg.llm.vocab_size)
+  transform_kw = dict(
+    spec=spec, tokenizer=tokenizer, eos_id=eos_id, vocab_size=selector_cfg.llm.vocab_size
+  )
   if cached:
     index_batches = batching(grain.MapDataset.range(len(train_source)))
-    train_indices = [int(i) for s in range(min(total_steps, len(index_batches)))
-                     for i in index_batches[s]]
+    train_indices = [
+      int(i) for s in range(min(total_steps, len(index_batches))) for i in index_batches[s]
+    ]
     cache_dir = cache_directory(config, selector_cfg, workdir, inherited.get("vision_tower"))
-    cache, computed = fill_visual_cache(config, selector_cfg, graphdef, params, frozen,
-                                        train_indices, (train_source, eval_source), cache_dir, spec)
+    cache, computed = fill_visual_cache(
+      config,
+      selector_cfg,
+      graphdef,
+      params,
+      frozen,
+      train_indices,
+      (train_source, eval_source),
+      cache_dir,
+      spec,
+    )
     logging.info("visual-token cache %s: %d videos encoded", cache_dir, computed)
-    vision_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                   frozen["vision_tower"])
+    vision_abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen["vision_tower"]
+    )
     frozen = {k: v for k, v in frozen.items() if k != "vision_tower"}
     frozen_shardings = {k: v for k, v in frozen_shardings.items() if k != "vision_tower"}
     transform_kw["visual_lookup"] = cache.get
   transform = functools.partial(input_pipeline.make_example, **transform_kw)
   train_data = batching(grain.MapDataset.source(train_source).map(transform))
-  data_iterator = input_pipeline.to_iterator(train_data, num_threads=config.data.num_threads,
-                                             worker_count=config.data.worker_count)
+  data_iterator = input_pipeline.to_iterator(
+    train_data, num_threads=config.data.num_threads, worker_count=config.data.worker_count
+  )
 
   # Resume from the latest checkpoint of this workdir, if any.
-  checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   save_every=config.checkpoint.every_steps,
-                                   keep=config.checkpoint.keep,
-                                   async_save=config.checkpoint.async_save)
+  checkpointer = ckpt.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    save_every=config.checkpoint.every_steps,
+    keep=config.checkpoint.keep,
+    async_save=config.checkpoint.async_save,
+  )
   start_step = checkpointer.latest_step() or 0
   if start_step:
     params, opt_state, meta = checkpointer.restore(
-        start_step, abstract_params=modeling.abstract_of(params, param_shardings),
-        abstract_opt_state=modeling.abstract_of(opt_state, opt_shardings),
-        data_iterator=data_iterator)
+      start_step,
+      abstract_params=modeling.abstract_of(params, param_shardings),
+      abstract_opt_state=modeling.abstract_of(opt_state, opt_shardings),
+      data_iterator=data_iterator,
+    )
     if meta.get("config_stage") != config.stage:
-      raise ConfigError(f"{workdir} holds a stage-{meta.get('config_stage')} checkpoint; "
-                        f"this config is stage {config.stage}")
+      raise ConfigError(
+        f"{workdir} holds a stage-{meta.get('config_stage')} checkpoint; "
+        f"this config is stage {config.stage}"
+      )
 
   # One jitted step per task, explicit shardings, donated params and optimizer state.
   try:
-    attention = attention_lib.causal_attention_for(config.model.attention, mesh,
-                                                   jax.default_backend())
+    attention = attention_lib.causal_attention_for(
+      config.model.attention, mesh, jax.default_backend()
+    )
   except ValueError as e:
     raise ConfigError(str(e)) from None
   tasks = [t for t, count in zip(step_lib.TASKS, ratio) if count]
@@ -439,18 +544,35 @@ def run(config, workdir: str | None = None) -> dict:
   for task in tasks:
     fields[task] = step_lib.step_fields(task, cached)
     train_steps[task] = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef, tx, task=task, accum_steps=config.train.grad_accum_steps,
-                                 vision_abstract=vision_abstract, mesh=mesh, attention=attention),
-        param_shardings=param_shardings, frozen_shardings=frozen_shardings,
-        opt_shardings=opt_shardings, batch_shardings=step_lib.batch_shardings(mesh, spec, fields[task]),
-        mesh=mesh)
+      step_lib.make_train_step(
+        graphdef,
+        tx,
+        task=task,
+        accum_steps=config.train.grad_accum_steps,
+        vision_abstract=vision_abstract,
+        mesh=mesh,
+        attention=attention,
+      ),
+      param_shardings=param_shardings,
+      frozen_shardings=frozen_shardings,
+      opt_shardings=opt_shardings,
+      batch_shardings=step_lib.batch_shardings(mesh, spec, fields[task]),
+      mesh=mesh,
+    )
   validation_fields = step_lib.step_fields("importance", cached)
   validation_step = step_lib.jit_validation_step(
-      step_lib.make_validation_step(graphdef, ks=tuple(config.validation.ks),
-                                    relevant_label=config.validation.relevant_label,
-                                    vision_abstract=vision_abstract, attention=attention),
-      param_shardings=param_shardings, frozen_shardings=frozen_shardings,
-      batch_shardings=step_lib.batch_shardings(mesh, spec, validation_fields), mesh=mesh)
+    step_lib.make_validation_step(
+      graphdef,
+      ks=tuple(config.validation.ks),
+      relevant_label=config.validation.relevant_label,
+      vision_abstract=vision_abstract,
+      attention=attention,
+    ),
+    param_shardings=param_shardings,
+    frozen_shardings=frozen_shardings,
+    batch_shardings=step_lib.batch_shardings(mesh, spec, validation_fields),
+    mesh=mesh,
+  )
 
   def validate(params):
     """validation/*: BCE, and recall@k and hit@k of NMS over the scores, of uniform sampling
@@ -458,38 +580,65 @@ def run(config, workdir: str | None = None) -> dict:
     candidate (validation/scored of validation/examples)."""
     if eval_source is None or len(eval_source) == 0:
       return {}
-    steps, batches = validation_batches(eval_source, transform, spec, cached, global_batch,
-                                        process_index, process_count)
+    steps, batches = validation_batches(
+      eval_source, transform, spec, cached, global_batch, process_index, process_count
+    )
     limit = config.validation.max_batches or steps
     totals = {}
     for s, batch in enumerate(batches):
       if s >= limit:
         break
-      out = jax.device_get(validation_step(params, frozen, local_to_global(
-          {k: batch[k] for k in validation_fields},
-          step_lib.batch_shardings(mesh, spec, validation_fields))))
+      out = jax.device_get(
+        validation_step(
+          params,
+          frozen,
+          local_to_global(
+            {k: batch[k] for k in validation_fields},
+            step_lib.batch_shardings(mesh, spec, validation_fields),
+          ),
+        )
+      )
       for key, value in out.items():
         totals[key] = totals.get(key, 0.0) + float(value)
     scored = max(totals["scored"], 1.0)
-    results = {"validation/bce": totals["bce_sum"] / max(totals["bce_count"], 1.0),
-               "validation/examples": totals["examples"], "validation/scored": totals["scored"]}
+    results = {
+      "validation/bce": totals["bce_sum"] / max(totals["bce_count"], 1.0),
+      "validation/examples": totals["examples"],
+      "validation/scored": totals["scored"],
+    }
     for key, value in totals.items():
       if "_at_" in key:
         results[f"validation/{key}"] = value / scored
     return results
 
   writer = MetricWriter(workdir, enabled=is_chief)
-  writer.event("resume" if start_step else "start", step=start_step, total_steps=total_steps,
-               devices=jax.device_count(), processes=process_count, mesh=dict(mesh.shape),
-               trainable_params=modeling.count_params(params),
-               frozen_params=modeling.count_params(frozen), cached_visual_tokens=cached)
+  writer.event(
+    "resume" if start_step else "start",
+    step=start_step,
+    total_steps=total_steps,
+    devices=jax.device_count(),
+    processes=process_count,
+    mesh=dict(mesh.shape),
+    trainable_params=modeling.count_params(params),
+    frozen_params=modeling.count_params(frozen),
+    cached_visual_tokens=cached,
+  )
   if is_chief:
-    logging.info("stage %d: %d steps (%d per epoch), mesh %s, %d trainable / %d frozen params",
-                 config.stage, total_steps, steps_per_epoch, dict(mesh.shape),
-                 modeling.count_params(params), modeling.count_params(frozen))
+    logging.info(
+      "stage %d: %d steps (%d per epoch), mesh %s, %d trainable / %d frozen params",
+      config.stage,
+      total_steps,
+      steps_per_epoch,
+      dict(mesh.shape),
+      modeling.count_params(params),
+      modeling.count_params(frozen),
+    )
     if start_step:
-      logging.info("resumed from the checkpoint of step %d in %s", start_step,
-                   os.path.join(workdir, "checkpoints"))
+      logging.info(
+        "resumed from the checkpoint of step %d in %s",
+        start_step,
+        os.path.join(workdir, "checkpoints"),
+      )
 
   # Preemption: SIGTERM asks for a checkpoint at the end of the current step.
   stop = {"requested": False}
@@ -497,7 +646,7 @@ def run(config, workdir: str | None = None) -> dict:
 
   meta = {"config": config.to_json(), "config_stage": config.stage, "total_steps": total_steps}
   last = {}
-  pending = []       # (step, task, metrics on device): read one step late, so the host
+  pending = []  # (step, task, metrics on device): read one step late, so the host
   clock = [time.perf_counter()]  # never stalls the device queue
 
   def drain():
@@ -511,13 +660,19 @@ def run(config, workdir: str | None = None) -> dict:
       if not math.isfinite(loss) or not bool(metrics["params_finite"]):
         checkpointer.wait()
         raise FloatingPointError(
-            f"non-finite training state at step {step} ({task} loss {loss}, gradient norm "
-            f"{float(metrics['grad_norm'])}); the last good checkpoint is step "
-            f"{checkpointer.latest_step()} in {checkpointer.directory}")
+          f"non-finite training state at step {step} ({task} loss {loss}, gradient norm "
+          f"{float(metrics['grad_norm'])}); the last good checkpoint is step "
+          f"{checkpointer.latest_step()} in {checkpointer.directory}"
+        )
       last.update({"loss": loss, f"loss/{task}": loss})
-      values = {"loss": loss, f"loss/{task}": loss, "lr": float(schedule(step - 1)),
-                "grad_norm": float(metrics["grad_norm"]), "step_time_s": step_time,
-                "examples_per_s": global_batch / step_time}
+      values = {
+        "loss": loss,
+        f"loss/{task}": loss,
+        "lr": float(schedule(step - 1)),
+        "grad_norm": float(metrics["grad_norm"]),
+        "step_time_s": step_time,
+        "examples_per_s": global_batch / step_time,
+      }
       if step % config.log.every_steps == 0 or step == total_steps:
         writer.scalars(step, values)
       progress.set_postfix(loss=f"{loss:.4f}", task=task[:5], refresh=False)
@@ -525,19 +680,32 @@ def run(config, workdir: str | None = None) -> dict:
 
   def save(step, force=False):
     drain()  # never checkpoint a state whose loss was not checked
-    checkpointer.save(step, params=params, opt_state=opt_state, data_iterator=data_iterator,
-                      meta={**meta, "step": step}, inherited=inherited, force=force)
+    checkpointer.save(
+      step,
+      params=params,
+      opt_state=opt_state,
+      data_iterator=data_iterator,
+      meta={**meta, "step": step},
+      inherited=inherited,
+      force=force,
+    )
 
-  progress = tqdm(total=total_steps, initial=start_step, desc=f"stage {config.stage}",
-                  disable=not (is_chief and config.log.progress), dynamic_ncols=True)
+  progress = tqdm(
+    total=total_steps,
+    initial=start_step,
+    desc=f"stage {config.stage}",
+    disable=not (is_chief and config.log.progress),
+    dynamic_ncols=True,
+  )
   preempted = False
   done = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
       task = task_of_step(step, ratio)
       local = next(data_iterator)
-      batch = local_to_global({k: local[k] for k in fields[task]},
-                              step_lib.batch_shardings(mesh, spec, fields[task]))
+      batch = local_to_global(
+        {k: local[k] for k in fields[task]}, step_lib.batch_shardings(mesh, spec, fields[task])
+      )
       params, opt_state, metrics = train_steps[task](params, frozen, opt_state, batch)
       if len(pending) > 0:
         drain()
@@ -545,8 +713,7 @@ def run(config, workdir: str | None = None) -> dict:
       done = step
       stop_now = stop["requested"]
       if process_count > 1:  # every process must stop at the same step
-        stop_now = bool(multihost_utils.process_allgather(
-            np.array(stop_now)).any())
+        stop_now = bool(multihost_utils.process_allgather(np.array(stop_now)).any())
       if stop_now:
         save(step, force=True)
         checkpointer.wait()

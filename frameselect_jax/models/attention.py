@@ -6,6 +6,7 @@ A causal attention is any `fn(q, k, v, key_valid) -> out` with q (b, s, h, d), k
 its position. The model takes one as an explicit argument (`attention=`, None for
 `causal_attention`); `causal_attention_for` picks it from a config.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,9 @@ def dot_product_attention(q, k, v, mask):
   b, s, h, d = q.shape
   kv_heads = k.shape[2]
   group = h // kv_heads
-  q = q.reshape(b, s, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * s, d)
+  q = (
+    q.reshape(b, s, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * s, d)
+  )
   logits = jnp.einsum("bkqd,btkd->bkqt", q, k, preferred_element_type=jnp.float32)
   logits = logits / math.sqrt(d)
   mask = jnp.broadcast_to(mask, (mask.shape[0], 1, s, k.shape[1]))
@@ -65,8 +68,9 @@ def causal_attention(q, k, v, key_valid, *, block_size: int = CAUSAL_BLOCK):
   outs = []
   for start in range(0, s, block_size):
     end = min(start + block_size, s)
-    outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
-                                      mask[:, :, start:end, :end]))
+    outs.append(
+      dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, :, start:end, :end])
+    )
   return jnp.concatenate(outs, axis=1)
 
 
@@ -78,11 +82,13 @@ def attention_pairs(seq_len: int, kernel: str = "xla") -> tuple[int, int]:
   needed = seq_len * (seq_len + 1) // 2
   if kernel == "flash":
     blocks = -(-seq_len // FLASH_BLOCK)
-    return needed, blocks * (blocks + 1) // 2 * FLASH_BLOCK ** 2
+    return needed, blocks * (blocks + 1) // 2 * FLASH_BLOCK**2
   if seq_len <= CAUSAL_BLOCK:
     return needed, seq_len * seq_len
-  computed = sum((min(start + CAUSAL_BLOCK, seq_len) - start) * min(start + CAUSAL_BLOCK, seq_len)
-                 for start in range(0, seq_len, CAUSAL_BLOCK))
+  computed = sum(
+    (min(start + CAUSAL_BLOCK, seq_len) - start) * min(start + CAUSAL_BLOCK, seq_len)
+    for start in range(0, seq_len, CAUSAL_BLOCK)
+  )
   return needed, computed
 
 
@@ -128,8 +134,12 @@ def flash_attention(mesh, *, reference: bool = False) -> CausalAttention:
       # The local heads cover whole groups, or sit inside one: slice those KV heads and
       # repeat them. (A gather here compiles to hundreds of small loops on TPU v5p.)
       count = max(heads // group, 1)
-      k, v = (jnp.repeat(jax.lax.dynamic_slice_in_dim(x, first // group, count, axis=2),
-                         heads // count, axis=2) for x in (k, v))
+      k, v = (
+        jnp.repeat(
+          jax.lax.dynamic_slice_in_dim(x, first // group, count, axis=2), heads // count, axis=2
+        )
+        for x in (k, v)
+      )
     else:
       # Local heads straddle groups: only a gather pairs them with their KV heads.
       kv_index = (first + jnp.arange(heads)) // group
@@ -143,17 +153,28 @@ def flash_attention(mesh, *, reference: bool = False) -> CausalAttention:
       out = _reference_kernel(layout(q), layout(k), layout(v), segments, scale)
     else:
       from jax.experimental.pallas.ops.tpu import flash_attention as kernel
-      out = kernel.flash_attention(layout(q), layout(k), layout(v),
-                                   segment_ids=kernel.SegmentIds(q=segments, kv=segments),
-                                   causal=True, sm_scale=scale)
+
+      out = kernel.flash_attention(
+        layout(q),
+        layout(k),
+        layout(v),
+        segment_ids=kernel.SegmentIds(q=segments, kv=segments),
+        causal=True,
+        sm_scale=scale,
+      )
     return out.transpose(0, 2, 1, 3)[:, :s]
 
   def attention(q, k, v, key_valid):
     key_valid = jnp.broadcast_to(key_valid.astype(bool), (q.shape[0], k.shape[1]))
     heads = P(BATCH_AXES, None, "tensor", None)
     whole = P(BATCH_AXES, None, None, None)
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(heads, whole, whole, P(BATCH_AXES, None)),
-                         out_specs=heads, check_vma=False)(q, k, v, key_valid)
+    return jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(heads, whole, whole, P(BATCH_AXES, None)),
+      out_specs=heads,
+      check_vma=False,
+    )(q, k, v, key_valid)
 
   return attention
 

@@ -5,6 +5,7 @@ Every parameter is created through `param`, which records its logical axis names
 (`out_sharding` metadata); `frameselect_jax.sharding` maps those names onto a mesh.
 Parameters are stored in float32; `dtype` is the compute dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,9 @@ class Dense(nnx.Module):
   kernel is (in, out): the transpose of a Hugging Face nn.Linear weight.
   """
 
-  def __init__(self, in_features, out_features, *, axes, use_bias=True,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self, in_features, out_features, *, axes, use_bias=True, dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     self.in_features, self.out_features = in_features, out_features
     self.axes = tuple(axes)
     self.dtype = dtype
@@ -57,8 +59,9 @@ class Dense(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding table (num_embeddings, features); `attend` gives tied output logits."""
 
-  def __init__(self, num_embeddings, features, *, axes=("vocab", "embed"),
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self, num_embeddings, features, *, axes=("vocab", "embed"), dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     self.dtype = dtype
     self.embedding = param(normal_init(rngs, (num_embeddings, features)), axes)
 
@@ -107,14 +110,15 @@ def gelu_exact(x):
 
 
 ACTIVATIONS: dict[str, Callable] = {
-    "gelu_pytorch_tanh": gelu_tanh,
-    "gelu_new": gelu_tanh,
-    "gelu": gelu_exact,
-    "silu": jax.nn.silu,
+  "gelu_pytorch_tanh": gelu_tanh,
+  "gelu_new": gelu_tanh,
+  "gelu": gelu_exact,
+  "silu": jax.nn.silu,
 }
 
 
 # --- Rotary position embeddings (rotate-half layout, as in transformers' Qwen2) ---
+
 
 def rope_cos_sin(positions, head_dim, theta):
   """cos/sin tables of shape positions.shape + (head_dim,), angles computed in float32."""
@@ -140,6 +144,7 @@ def take_rows(x, rows, axis=1):
 
 # --- LoRA ---
 
+
 def iter_dense(module: nnx.Module):
   """(dotted path, Dense) for every Dense in the module tree, in tree order."""
   for path, sub in nnx.iter_modules(module):
@@ -147,8 +152,9 @@ def iter_dense(module: nnx.Module):
       yield ".".join(str(p) for p in path), sub
 
 
-def add_lora(module: nnx.Module, pattern: str, *, rank: int, alpha: float,
-             rngs: nnx.Rngs) -> list[str]:
+def add_lora(
+  module: nnx.Module, pattern: str, *, rank: int, alpha: float, rngs: nnx.Rngs
+) -> list[str]:
   """Adds LoRA adapters to every Dense whose dotted path matches `pattern` (re.search).
 
   A is (in, rank) with Kaiming-uniform-like init, B is (rank, out) zeros, so an
@@ -167,14 +173,16 @@ def add_lora(module: nnx.Module, pattern: str, *, rank: int, alpha: float,
     bound = 1.0 / math.sqrt(dense.in_features)
     a = jax.random.uniform(rngs.params(), (dense.in_features, rank), jnp.float32, -bound, bound)
     dense.lora_a = param(a, (dense.axes[0], "lora_rank"), kind=nnx.LoRAParam)
-    dense.lora_b = param(jnp.zeros((rank, dense.out_features)), ("lora_rank", dense.axes[1]),
-                         kind=nnx.LoRAParam)
+    dense.lora_b = param(
+      jnp.zeros((rank, dense.out_features)), ("lora_rank", dense.axes[1]), kind=nnx.LoRAParam
+    )
     dense.lora_scale = alpha / rank
     adapted.append(path)
   if not adapted:
     paths = [p for p, _ in iter_dense(module)]
-    raise ValueError(f"LoRA pattern {pattern!r} matched no Dense module; "
-                     f"some available paths: {paths[:8]}")
+    raise ValueError(
+      f"LoRA pattern {pattern!r} matched no Dense module; some available paths: {paths[:8]}"
+    )
   return adapted
 
 

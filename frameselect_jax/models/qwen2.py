@@ -3,6 +3,7 @@
 Module tree: model.embed_tokens, model.layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
 post_attention_layernorm, mlp.{gate,up,down}_proj}, model.norm, lm_head (absent when tied).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from frameselect_jax.models.attention import CausalAttention, causal_attention, dot_product_attention
+from frameselect_jax.models.attention import (
+  CausalAttention,
+  causal_attention,
+  dot_product_attention,
+)
 from frameselect_jax.models.layers import Dense, Embed, RMSNorm, apply_rope, rope_cos_sin, take_rows
 
 
@@ -34,28 +39,43 @@ class Qwen2Config:
 
   def validate(self):
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} not divisible by "
-                       f"num_attention_heads {self.num_attention_heads}")
+      raise ValueError(
+        f"hidden_size {self.hidden_size} not divisible by "
+        f"num_attention_heads {self.num_attention_heads}"
+      )
     if self.num_attention_heads % self.num_key_value_heads:
-      raise ValueError(f"num_attention_heads {self.num_attention_heads} not divisible by "
-                       f"num_key_value_heads {self.num_key_value_heads}")
+      raise ValueError(
+        f"num_attention_heads {self.num_attention_heads} not divisible by "
+        f"num_key_value_heads {self.num_key_value_heads}"
+      )
     return self
 
 
 class Qwen2Attention(nnx.Module):
-
   def __init__(self, cfg: Qwen2Config, *, dtype, rngs):
     d, hd = cfg.hidden_size, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = (
-        cfg.num_attention_heads, cfg.num_key_value_heads, hd)
-    self.q_proj = Dense(d, cfg.num_attention_heads * hd, axes=("embed", "q_heads"),
-                        dtype=dtype, rngs=rngs)
-    self.k_proj = Dense(d, cfg.num_key_value_heads * hd, axes=("embed", "kv_heads"),
-                        dtype=dtype, rngs=rngs)
-    self.v_proj = Dense(d, cfg.num_key_value_heads * hd, axes=("embed", "kv_heads"),
-                        dtype=dtype, rngs=rngs)
-    self.o_proj = Dense(cfg.num_attention_heads * hd, d, axes=("q_heads", "embed"),
-                        use_bias=False, dtype=dtype, rngs=rngs)
+      cfg.num_attention_heads,
+      cfg.num_key_value_heads,
+      hd,
+    )
+    self.q_proj = Dense(
+      d, cfg.num_attention_heads * hd, axes=("embed", "q_heads"), dtype=dtype, rngs=rngs
+    )
+    self.k_proj = Dense(
+      d, cfg.num_key_value_heads * hd, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs
+    )
+    self.v_proj = Dense(
+      d, cfg.num_key_value_heads * hd, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs
+    )
+    self.o_proj = Dense(
+      cfg.num_attention_heads * hd,
+      d,
+      axes=("q_heads", "embed"),
+      use_bias=False,
+      dtype=dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, x, cos, sin, key_valid, rows=None, attention: CausalAttention | None = None):
     """Causal self-attention over x (b, s, d); key_valid (b, s) hides padded keys. With rows
@@ -78,7 +98,6 @@ class Qwen2Attention(nnx.Module):
 
 
 class Qwen2MLP(nnx.Module):
-
   def __init__(self, cfg: Qwen2Config, *, dtype, rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
     self.gate_proj = Dense(d, f, axes=("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs)
@@ -90,7 +109,6 @@ class Qwen2MLP(nnx.Module):
 
 
 class Qwen2DecoderLayer(nnx.Module):
-
   def __init__(self, cfg: Qwen2Config, *, dtype, rngs):
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
     self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs)
@@ -105,18 +123,26 @@ class Qwen2DecoderLayer(nnx.Module):
 
 
 class Qwen2Model(nnx.Module):
-
   def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
     self.config = cfg.validate()
     self.remat = remat
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-    self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs)
-                            for _ in range(cfg.num_hidden_layers)])
+    self.layers = nnx.List(
+      [Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+    )
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
-  def __call__(self, inputs_embeds, *, attention_mask=None, position_ids=None,
-               num_layers=None, output_rows=None, output_hidden_states=False,
-               attention: CausalAttention | None = None):
+  def __call__(
+    self,
+    inputs_embeds,
+    *,
+    attention_mask=None,
+    position_ids=None,
+    num_layers=None,
+    output_rows=None,
+    output_hidden_states=False,
+    attention: CausalAttention | None = None,
+  ):
     """Runs the first `num_layers` blocks (all by default) over input embeddings.
 
     Returns (last hidden state, tuple of hidden states). The final norm is applied only
@@ -135,16 +161,19 @@ class Qwen2Model(nnx.Module):
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
     cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-    key_valid = (jnp.ones((b, s), bool) if attention_mask is None
-                 else jnp.broadcast_to(attention_mask.astype(bool), (b, s)))
+    key_valid = (
+      jnp.ones((b, s), bool)
+      if attention_mask is None
+      else jnp.broadcast_to(attention_mask.astype(bool), (b, s))
+    )
     x = inputs_embeds
     hidden_states = [x]
     for i, layer in enumerate(self.layers[:num_layers]):
       rows = output_rows if i == num_layers - 1 else None
       if self.remat:
-        x = nnx.remat(lambda layer, x, cos, sin, valid, rows: layer(x, cos, sin, valid, rows,
-                                                                    attention))(
-            layer, x, cos, sin, key_valid, rows)
+        x = nnx.remat(
+          lambda layer, x, cos, sin, valid, rows: layer(x, cos, sin, valid, rows, attention)
+        )(layer, x, cos, sin, key_valid, rows)
       else:
         x = layer(x, cos, sin, key_valid, rows, attention)
       hidden_states.append(x)
@@ -157,14 +186,22 @@ class Qwen2Model(nnx.Module):
 
 
 class Qwen2ForCausalLM(nnx.Module):
-
   def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
     self.config = cfg
     self.model = Qwen2Model(cfg, dtype=dtype, remat=remat, rngs=rngs)
     # Tied checkpoints have no lm_head: logits use the embedding matrix transposed.
-    self.lm_head = (None if cfg.tie_word_embeddings else
-                    Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
-                          use_bias=False, dtype=dtype, rngs=rngs))
+    self.lm_head = (
+      None
+      if cfg.tie_word_embeddings
+      else Dense(
+        cfg.hidden_size,
+        cfg.vocab_size,
+        axes=("embed", "vocab"),
+        use_bias=False,
+        dtype=dtype,
+        rngs=rngs,
+      )
+    )
 
   def embed(self, input_ids):
     return self.model.embed_tokens(input_ids)
@@ -174,12 +211,23 @@ class Qwen2ForCausalLM(nnx.Module):
       return self.model.embed_tokens.attend(hidden)
     return self.lm_head(hidden)
 
-  def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
-               position_ids=None, output_hidden_states=False, attention=None):
+  def __call__(
+    self,
+    input_ids=None,
+    *,
+    inputs_embeds=None,
+    attention_mask=None,
+    position_ids=None,
+    output_hidden_states=False,
+    attention=None,
+  ):
     if inputs_embeds is None:
       inputs_embeds = self.embed(input_ids)
-    hidden, all_hidden = self.model(inputs_embeds, attention_mask=attention_mask,
-                                    position_ids=position_ids,
-                                    output_hidden_states=output_hidden_states,
-                                    attention=attention)
+    hidden, all_hidden = self.model(
+      inputs_embeds,
+      attention_mask=attention_mask,
+      position_ids=position_ids,
+      output_hidden_states=output_hidden_states,
+      attention=attention,
+    )
     return self.logits(hidden), all_hidden

@@ -1,4 +1,4 @@
-"""The frame selector: SigLIP -> 3x3 pooling -> projector -> Qwen2.5 (+LoRA) -> score query -> scores.
+"""The frame selector: SigLIP, 3x3 pooling, projector, Qwen2.5 (+LoRA), score query, scores.
 
 Two separable passes:
   encode_frames(frames)               question-independent pooled visual tokens (cacheable)
@@ -6,6 +6,7 @@ Two separable passes:
 Sequence layout per example: [n * g*g visual tokens | question tokens | score query | padding].
 The query's hidden state is read after the penultimate block, so the last block never runs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,10 +27,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 class SelectorConfig:
   vision: SiglipVisionConfig = SiglipVisionConfig()
   llm: Qwen2Config = Qwen2Config()
-  num_candidates: int = 128   # n: frames scored per question
-  pool_grid: int = 3          # g: each frame becomes g*g visual tokens
-  dtype: str = "float32"      # compute dtype; parameters are always float32
-  remat: bool = False         # jax.checkpoint each transformer block
+  num_candidates: int = 128  # n: frames scored per question
+  pool_grid: int = 3  # g: each frame becomes g*g visual tokens
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+  remat: bool = False  # jax.checkpoint each transformer block
   # "query_mlp": the paper's head (the query's hidden state -> MLP -> n logits);
   # "frame_query": each frame's own hidden state scored against the query's, which reads
   # the question alone (see Selector.score).
@@ -37,7 +38,7 @@ class SelectorConfig:
 
   @property
   def tokens_per_frame(self):
-    return self.pool_grid ** 2
+    return self.pool_grid**2
 
   @property
   def num_visual_tokens(self):
@@ -47,9 +48,11 @@ class SelectorConfig:
     self.vision.validate()
     self.llm.validate()
     if self.pool_grid < 1 or self.pool_grid > self.vision.grid_size:
-      raise ValueError(f"pool_grid {self.pool_grid} must be in [1, patch grid "
-                       f"{self.vision.grid_size}] (image {self.vision.image_size}, "
-                       f"patch {self.vision.patch_size})")
+      raise ValueError(
+        f"pool_grid {self.pool_grid} must be in [1, patch grid "
+        f"{self.vision.grid_size}] (image {self.vision.image_size}, "
+        f"patch {self.vision.patch_size})"
+      )
     if self.num_candidates < 1:
       raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
     if self.llm.num_hidden_layers < 2:
@@ -65,10 +68,12 @@ class Projector(nnx.Module):
   """g_a: two-layer MLP with GELU from the vision width to the LLM width."""
 
   def __init__(self, in_features, out_features, *, dtype, rngs):
-    self.linear_1 = Dense(in_features, out_features, axes=("vision_embed", "embed"),
-                          dtype=dtype, rngs=rngs)
-    self.linear_2 = Dense(out_features, out_features, axes=("embed", "embed_out"),
-                          dtype=dtype, rngs=rngs)
+    self.linear_1 = Dense(
+      in_features, out_features, axes=("vision_embed", "embed"), dtype=dtype, rngs=rngs
+    )
+    self.linear_2 = Dense(
+      out_features, out_features, axes=("embed", "embed_out"), dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, x):
     return self.linear_2(gelu_exact(self.linear_1(x)))
@@ -129,8 +134,9 @@ class FrameQueryHead(nnx.Module):
       mean = self.query_mean[...]
     else:
       mean = jnp.mean(q, axis=0)
-      self.query_mean[...] = (self.momentum * self.query_mean[...]
-                              + (1 - self.momentum) * jax.lax.stop_gradient(mean))
+      self.query_mean[...] = self.momentum * self.query_mean[...] + (
+        1 - self.momentum
+      ) * jax.lax.stop_gradient(mean)
     q = self.query_proj(self.query_norm(q - mean)).astype(jnp.float32)
     frames = self.frame_norm(frames)
     f = self.frame_proj(frames).astype(jnp.float32)
@@ -139,7 +145,6 @@ class FrameQueryHead(nnx.Module):
 
 
 class Selector(nnx.Module):
-
   def __init__(self, cfg: SelectorConfig, *, rngs: nnx.Rngs):
     self.config = cfg.validate()
     dtype = DTYPES[cfg.dtype]
@@ -148,11 +153,13 @@ class Selector(nnx.Module):
     self.llm = Qwen2ForCausalLM(cfg.llm, dtype=dtype, remat=cfg.remat, rngs=rngs)
     self.score_query = param(normal_init(rngs, (cfg.llm.hidden_size,)), ("embed",))
     if cfg.score_head == "query_mlp":
-      self.score_head = ScoreHead(cfg.llm.hidden_size, cfg.num_candidates,
-                                  eps=cfg.llm.rms_norm_eps, dtype=dtype, rngs=rngs)
+      self.score_head = ScoreHead(
+        cfg.llm.hidden_size, cfg.num_candidates, eps=cfg.llm.rms_norm_eps, dtype=dtype, rngs=rngs
+      )
     else:
-      self.score_head = FrameQueryHead(cfg.llm.hidden_size, eps=cfg.llm.rms_norm_eps,
-                                       dtype=dtype, rngs=rngs)
+      self.score_head = FrameQueryHead(
+        cfg.llm.hidden_size, eps=cfg.llm.rms_norm_eps, dtype=dtype, rngs=rngs
+      )
 
   def encode_frames(self, frames):
     """frames (b, n, H, W, 3) normalised to [-1, 1] -> pooled tokens (b, n, g*g, vision width).
@@ -168,8 +175,10 @@ class Selector(nnx.Module):
   def _visual_embeds(self, visual_tokens):
     b, n, t, _ = visual_tokens.shape
     if (n, t) != (self.config.num_candidates, self.config.tokens_per_frame):
-      raise ValueError(f"expected visual tokens (batch, {self.config.num_candidates}, "
-                       f"{self.config.tokens_per_frame}, width), got {visual_tokens.shape}")
+      raise ValueError(
+        f"expected visual tokens (batch, {self.config.num_candidates}, "
+        f"{self.config.tokens_per_frame}, width), got {visual_tokens.shape}"
+      )
     return self.projector(visual_tokens).reshape(b, n * t, -1)
 
   def score(self, visual_tokens, question_ids, question_mask, valid=None, attention=None):
@@ -185,9 +194,11 @@ class Selector(nnx.Module):
     valid = jnp.ones((b, n), bool) if valid is None else valid.astype(bool)
     visual = self._visual_embeds(visual_tokens)
     question = self.llm.embed(question_ids)
-    num_visual, length = visual.shape[1], question.shape[1]
-    seq = jnp.concatenate([visual, question.astype(visual.dtype),
-                           jnp.zeros((b, 1, visual.shape[-1]), visual.dtype)], axis=1)
+    num_visual = visual.shape[1]
+    seq = jnp.concatenate(
+      [visual, question.astype(visual.dtype), jnp.zeros((b, 1, visual.shape[-1]), visual.dtype)],
+      axis=1,
+    )
     query_pos = num_visual + jnp.sum(question_mask.astype(jnp.int32), axis=1)  # (b,)
     positions = jnp.arange(seq.shape[1])
     is_query = positions[None, :] == query_pos[:, None]
@@ -198,38 +209,52 @@ class Selector(nnx.Module):
     num_layers = self.config.llm.num_hidden_layers - 1
     if self.config.score_head == "query_mlp":
       # Only the query's hidden state is read: the last block computes its row alone.
-      hidden, _ = self.llm.model(seq, attention_mask=attention_mask, num_layers=num_layers,
-                                 output_rows=query_pos, attention=attention)
+      hidden, _ = self.llm.model(
+        seq,
+        attention_mask=attention_mask,
+        num_layers=num_layers,
+        output_rows=query_pos,
+        attention=attention,
+      )
       logits = self.score_head(hidden[:, 0])
     else:
       # The frames' states come from the visual tokens alone (causal: they never see the
       # text), the query's from the question alone: the query row does not attend to the
       # visual tokens. So the two are separate passes over the same positions as one
       # sequence would have, and the visual one does not depend on the question.
-      frames, _ = self.llm.model(visual, attention_mask=visual_keep, num_layers=num_layers,
-                                 attention=attention)
+      frames, _ = self.llm.model(
+        visual, attention_mask=visual_keep, num_layers=num_layers, attention=attention
+      )
       text = seq[:, num_visual:]
       text_positions = jnp.broadcast_to(positions[num_visual:], (b, text.shape[1]))
-      query, _ = self.llm.model(text, attention_mask=text_keep, position_ids=text_positions,
-                                num_layers=num_layers, output_rows=query_pos - num_visual,
-                                attention=attention)
+      query, _ = self.llm.model(
+        text,
+        attention_mask=text_keep,
+        position_ids=text_positions,
+        num_layers=num_layers,
+        output_rows=query_pos - num_visual,
+        attention=attention,
+      )
       frames = frames.reshape(b, n, self.config.tokens_per_frame, -1)
       logits = self.score_head(jnp.mean(frames.astype(jnp.float32), axis=2), query[:, 0])
     return jnp.where(valid, logits, -jnp.inf)
 
-  def instruction_logits(self, visual_tokens, input_ids, attention_mask, valid=None,
-                         attention=None):
+  def instruction_logits(
+    self, visual_tokens, input_ids, attention_mask, valid=None, attention=None
+  ):
     """Stage-1 visual instruction following: next-token logits (b, L, vocab) over the text
     positions of [visual tokens | text], through every block and the language-model head."""
     b, n = visual_tokens.shape[:2]
     valid = jnp.ones((b, n), bool) if valid is None else valid.astype(bool)
     visual = self._visual_embeds(visual_tokens)
     text = self.llm.embed(input_ids).astype(visual.dtype)
-    mask = jnp.concatenate([jnp.repeat(valid, self.config.tokens_per_frame, axis=1),
-                            attention_mask.astype(bool)], axis=1)
-    hidden, _ = self.llm.model(jnp.concatenate([visual, text], axis=1), attention_mask=mask,
-                               attention=attention)
-    return self.llm.logits(hidden[:, visual.shape[1]:]).astype(jnp.float32)
+    mask = jnp.concatenate(
+      [jnp.repeat(valid, self.config.tokens_per_frame, axis=1), attention_mask.astype(bool)], axis=1
+    )
+    hidden, _ = self.llm.model(
+      jnp.concatenate([visual, text], axis=1), attention_mask=mask, attention=attention
+    )
+    return self.llm.logits(hidden[:, visual.shape[1] :]).astype(jnp.float32)
 
   def __call__(self, frames, question_ids, question_mask, valid=None):
     return self.score(self.encode_frames(frames), question_ids, question_mask, valid)

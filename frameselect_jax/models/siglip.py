@@ -4,6 +4,7 @@ Module tree follows transformers' `vision_model.*`: embeddings.{patch_embedding,
 position_embedding}, encoder.layers[i].{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2,
 mlp.{fc1, fc2}}, post_layernorm. Images are NHWC, already normalised to [-1, 1].
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,10 @@ class SiglipVisionConfig:
     if self.image_size < self.patch_size:
       raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} not divisible by "
-                       f"num_attention_heads {self.num_attention_heads}")
+      raise ValueError(
+        f"hidden_size {self.hidden_size} not divisible by "
+        f"num_attention_heads {self.num_attention_heads}"
+      )
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; known: {sorted(ACTIVATIONS)}")
     return self
@@ -59,7 +62,7 @@ class PatchEmbedding(nnx.Module):
     p = self.patch_size
     # Like a stride-p VALID conv: trailing pixels that do not fill a patch are dropped
     # (so400m: 384 = 27 * 14 + 6).
-    images = images[:, :images.shape[1] // p * p, :images.shape[2] // p * p]
+    images = images[:, : images.shape[1] // p * p, : images.shape[2] // p * p]
     b, h, w, c = images.shape
     patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
@@ -68,12 +71,12 @@ class PatchEmbedding(nnx.Module):
 
 
 class SiglipVisionEmbeddings(nnx.Module):
-
   def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs):
     self.patch_embedding = PatchEmbedding(cfg, dtype=dtype, rngs=rngs)
-    num_patches = cfg.grid_size ** 2
-    self.position_embedding = Embed(num_patches, cfg.hidden_size, axes=(None, "vision_embed"),
-                                    dtype=dtype, rngs=rngs)
+    num_patches = cfg.grid_size**2
+    self.position_embedding = Embed(
+      num_patches, cfg.hidden_size, axes=(None, "vision_embed"), dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, images):
     x = self.patch_embedding(images)
@@ -81,7 +84,6 @@ class SiglipVisionEmbeddings(nnx.Module):
 
 
 class SiglipAttention(nnx.Module):
-
   def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs):
     d = cfg.hidden_size
     self.num_heads, self.head_dim = cfg.num_attention_heads, d // cfg.num_attention_heads
@@ -94,26 +96,35 @@ class SiglipAttention(nnx.Module):
     b, s, d = x.shape
     split = lambda t: t.reshape(b, s, self.num_heads, self.head_dim)
     mask = jnp.ones((1, 1, s, s), dtype=bool)  # bidirectional
-    out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                split(self.v_proj(x)), mask)
+    out = dot_product_attention(
+      split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask
+    )
     return self.out_proj(out.reshape(b, s, d))
 
 
 class SiglipMLP(nnx.Module):
-
   def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs):
     self.act = ACTIVATIONS[cfg.hidden_act]
-    self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("vision_embed", "vision_mlp"),
-                     dtype=dtype, rngs=rngs)
-    self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("vision_mlp", "vision_embed"),
-                     dtype=dtype, rngs=rngs)
+    self.fc1 = Dense(
+      cfg.hidden_size,
+      cfg.intermediate_size,
+      axes=("vision_embed", "vision_mlp"),
+      dtype=dtype,
+      rngs=rngs,
+    )
+    self.fc2 = Dense(
+      cfg.intermediate_size,
+      cfg.hidden_size,
+      axes=("vision_mlp", "vision_embed"),
+      dtype=dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, x):
     return self.fc2(self.act(self.fc1(x)))
 
 
 class SiglipEncoderLayer(nnx.Module):
-
   def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs):
     eps, d = cfg.layer_norm_eps, cfg.hidden_size
     self.layer_norm1 = LayerNorm(d, eps=eps, dtype=dtype)
@@ -127,10 +138,10 @@ class SiglipEncoderLayer(nnx.Module):
 
 
 class SiglipEncoder(nnx.Module):
-
   def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs):
-    self.layers = nnx.List([SiglipEncoderLayer(cfg, dtype=dtype, rngs=rngs)
-                            for _ in range(cfg.num_hidden_layers)])
+    self.layers = nnx.List(
+      [SiglipEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+    )
 
 
 class SiglipVisionModel(nnx.Module):
@@ -146,8 +157,9 @@ class SiglipVisionModel(nnx.Module):
   def __call__(self, images):
     size = self.config.image_size
     if images.shape[1:] != (size, size, self.config.num_channels):
-      raise ValueError(f"expected images (batch, {size}, {size}, {self.config.num_channels}), "
-                       f"got {images.shape}")
+      raise ValueError(
+        f"expected images (batch, {size}, {size}, {self.config.num_channels}), got {images.shape}"
+      )
     x = self.embeddings(images)
     for layer in self.encoder.layers:
       x = nnx.remat(lambda layer, x: layer(x))(layer, x) if self.remat else layer(x)
@@ -168,7 +180,9 @@ def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
 def adaptive_avg_pool(tokens, grid: int, out_grid: int):
   """Pools (b, grid*grid, D) patch tokens to (b, out_grid*out_grid, D), row-major like torch."""
   if out_grid > grid:
-    raise ValueError(f"pooling grid {out_grid}x{out_grid} is larger than the patch grid {grid}x{grid}")
+    raise ValueError(
+      f"pooling grid {out_grid}x{out_grid} is larger than the patch grid {grid}x{grid}"
+    )
   b, n, d = tokens.shape
   if n != grid * grid:
     raise ValueError(f"expected {grid * grid} tokens for a {grid}x{grid} grid, got {n}")
