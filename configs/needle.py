@@ -50,7 +50,7 @@ def get_config(arg=None):
     c.train.num_steps = 1600
   else:
     c.train.trainable = HEADS
-    c.train.lr = 5e-4
+    c.train.lr = 2e-4
     c.train.num_steps = 600
     c.train.init_from = "workdirs/needle-stage1/checkpoints"
   c.validation.ks = (2, 4, 8)

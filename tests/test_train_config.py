@@ -3,6 +3,7 @@ clear message (before any model or data is built)."""
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import types
@@ -182,3 +183,55 @@ def test_command_line_reports_config_errors(tmp_path):
     "devices" in proc.stderr
   )
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (
+      dict(num_candidates=8),
+      r"timestamps has shape \(8,\), expected \(16,\) "
+      r"\(model.num_candidates=16\)",
+    ),
+    (dict(question=""), r"has an empty question"),
+    (dict(drop="question"), r"lacks fields \['question'\]"),
+    (dict(image_size=32), r"frames are \(32, 32, 3\), the vision tower expects \(56, 56, 3\)"),
+  ],
+)
+def test_data_that_cannot_fit_the_model_fails_before_training(tmp_path, change, message):
+  """Another candidate count, another image size or a missing question: one config error
+  naming the split, exit status 2, and no workdir written."""
+  from frameselect_jax import records, synthetic
+
+  recs = synthetic.needle_records(
+    2, change.get("num_candidates", 16), change.get("image_size", 56), seed=0
+  )
+  for r in recs:
+    if "question" in change:
+      r["question"] = change["question"]
+    if "drop" in change:
+      del r[change["drop"]]
+  path = records.write_array_record(str(tmp_path / "data" / "train.array_record"), recs * 4)
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "train",
+      "--config=configs/stage1.py:tiny",
+      f"--workdir={workdir}",
+      "--config.data.source=array_record",
+      f"--config.data.train_path={path}",
+    ],
+    cwd=REPO,
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert re.search(
+    "config error: the training split does not fit this config: .*" + message, proc.stderr
+  ), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists()
