@@ -7,8 +7,9 @@
   result.indices, result.timestamps, result.scores                     # k, k, n
 
 One video goes through decode -> SigLIP -> 3x3 pooling once; those pooled visual tokens sit
-in an LRU cache keyed by the file (path, mtime, size) and the candidate geometry, so every
-further question about the video costs one LLM pass only. `select_many` batches the
+in an LRU cache keyed by what they are computed from: the file (path, mtime, size), n, the
+span of a bounded question, the image size and the decoder; so every further question about
+the same candidates costs one LLM pass only. `select_many` batches the
 questions and groups them by video, so each video is encoded once per call whatever the
 cache size.
 
@@ -335,20 +336,26 @@ class FrameSelector:
     """Forgets every cached video (the next question about each re-encodes it)."""
     self._cache.clear()
 
-  def visual_tokens(self, path: str, n: int | None = None) -> VideoTokens:
-    """Decoded, encoded and pooled candidates of a video, from the cache when the file is
-    unchanged (same path, mtime and size)."""
+  def visual_tokens(self, path: str, n: int | None = None, span=None) -> VideoTokens:
+    """Decoded, encoded and pooled candidates of a video (of the frames shown in span =
+    (start_s, end_s), when given), from the cache when they were computed from the same
+    candidates: the same file unchanged (path, mtime and size), n, span, image size and
+    decoder. The model's weights never change under a FrameSelector, so they are not in the
+    key."""
     n = self._check_n(n)
+    span = video.check_span(span)
     path = os.path.abspath(os.fspath(path))
     try:
       stat = os.stat(path)
     except FileNotFoundError:
       raise video.VideoError(f"{path}: no such file") from None
-    key = (path, stat.st_mtime_ns, stat.st_size, n, self.image_size, self.backend)
+    key = (path, stat.st_mtime_ns, stat.st_size, n, span, self.image_size, self.backend)
     if key in self._cache:
       self._cache.move_to_end(key)
       return self._cache[key]
-    candidates = video.decode_candidates(path, n=n, size=self.image_size, backend=self.backend)
+    candidates = video.decode_candidates(
+      path, n=n, size=self.image_size, backend=self.backend, span=span
+    )
     tokens = _encode(self.graphdef, self.state, candidates.frames[None])
     self.encode_calls += 1
     entry = VideoTokens(
@@ -380,14 +387,16 @@ class FrameSelector:
     n: int | None = None,
     strategy: str = "nms_greedy",
     options: Sequence[str] = (),
+    span: tuple[float, float] | None = None,
   ) -> Selection:
     """The k frames of a video that best help answer the question.
 
     n is the number of candidates (None: the model's; another value is an error, since
-    the score head has one output per candidate).
+    the score head has one output per candidate). span = (start_s, end_s) bounds the
+    question to the frames shown in [start_s, end_s): the candidates are spread over it.
     """
     return self.select_many(
-      [(video_path, question, options)], k=k, n=n, strategy=strategy, batch_size=1
+      [(video_path, question, options, span)], k=k, n=n, strategy=strategy, batch_size=1
     )[0]
 
   def select_many(
@@ -399,7 +408,8 @@ class FrameSelector:
     batch_size: int = 8,
     progress: bool = False,
   ) -> list[Selection]:
-    """`select` for many (video, question) or (video, question, options) tuples.
+    """`select` for many (video, question), (video, question, options) or
+    (video, question, options, span) tuples.
 
     Questions are scored batch_size at a time (the last batch is padded, so one compiled
     shape serves all). Pairs are processed grouped by video, so each video is decoded and
@@ -417,10 +427,10 @@ class FrameSelector:
     if not items:
       return []
     # Group by video (in order of first appearance) so each is encoded once.
-    first_seen = {}
-    for path, _, _ in items:
-      first_seen.setdefault(path, len(first_seen))
-    order = sorted(range(len(items)), key=lambda i: first_seen[items[i][0]])
+    first_seen = {}  # (video, span) -> rank
+    for path, _, _, span in items:
+      first_seen.setdefault((path, span), len(first_seen))
+    order = sorted(range(len(items)), key=lambda i: first_seen[items[i][0], items[i][3]])
     results: list[Selection | None] = [None] * len(items)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
@@ -428,7 +438,7 @@ class FrameSelector:
 
       batches = tqdm(batches, desc="selecting", unit="batch")
     for batch in batches:
-      entries = [self.visual_tokens(items[i][0], n) for i in batch]
+      entries = [self.visual_tokens(items[i][0], n, span=items[i][3]) for i in batch]
       prompts = [text.question_prompt(items[i][1], items[i][2]) for i in batch]
       padding = batch_size - len(batch)  # repeat the first row: one shape for every batch
       scores = self.score(entries + [entries[0]] * padding, prompts + [prompts[0]] * padding)
@@ -436,7 +446,7 @@ class FrameSelector:
       picks = np.asarray(selection.select_batch(strategy, scores, valid, k))
       for row, i in enumerate(batch):
         entry, chosen = entries[row], picks[row][picks[row] >= 0]
-        path, question, options = items[i]
+        path, question, options, _ = items[i]
         results[i] = Selection(
           video=path,
           question=question,
@@ -469,14 +479,18 @@ class FrameSelector:
 # --- helpers ---
 
 
-def _pair(item) -> tuple[str, str, tuple[str, ...]]:
-  if isinstance(item, str) or not 2 <= len(item) <= 3:
-    raise ValueError(f"expected (video, question) or (video, question, options), got {item!r}")
+def _pair(item) -> tuple[str, str, tuple[str, ...], tuple[float, float] | None]:
+  if isinstance(item, str) or not 2 <= len(item) <= 4:
+    raise ValueError(
+      f"expected (video, question), (video, question, options) or "
+      f"(video, question, options, span), got {item!r}"
+    )
   path, question = os.path.abspath(os.fspath(item[0])), item[1]
-  options = tuple(item[2]) if len(item) == 3 and item[2] else ()
+  options = tuple(item[2]) if len(item) >= 3 and item[2] else ()
   if not isinstance(question, str) or not question.strip():
     raise ValueError(f"empty question for {path}")
-  return path, question, options
+  span = video.check_span(item[3]) if len(item) == 4 else None
+  return path, question, options, span
 
 
 def _tokenizer(spec, llm_dir: str | None):

@@ -159,14 +159,14 @@ def make_example(
   *,
   eos_id: int,
   vocab_size: int,
-  visual_lookup: Callable[[str], np.ndarray] | None = None,
+  visual_lookup: Callable[[dict], np.ndarray] | None = None,
 ) -> dict:
   """One record -> fixed-shape numpy arrays for both training tasks.
 
   question_ids/mask: the selector prompt, right-padded. text_ids/mask: instruction prompt,
   answer and eos, right-padded; answer_mask marks the answer and eos tokens (the targets of
-  the instruction loss). With `visual_lookup`, the cached pooled tokens of the video replace
-  the frames.
+  the instruction loss). With `visual_lookup` (record -> tokens), the cached pooled tokens of
+  the record's candidates replace the frames.
   """
   records.check_record(record, spec.num_candidates)
   valid = np.asarray(record["valid"], bool)
@@ -206,7 +206,7 @@ def make_example(
   }
   shapes = spec.shapes(cached=visual_lookup is not None)
   if visual_lookup is not None:
-    visual = visual_lookup(record["video_id"])
+    visual = visual_lookup(record)
     shape, dtype = shapes["visual"]
     if visual.shape != shape:
       raise ValueError(

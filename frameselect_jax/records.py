@@ -92,6 +92,22 @@ def write_array_record(path: str, records: Sequence[dict]) -> str:
 # --- Frames as JPEG bytes ---
 
 
+def encode_jpeg_frames(frames, valid=None, quality: int = 90) -> list[bytes]:
+  """uint8[n, H, W, 3] -> the JPEG bytes of each frame (a record's `video`); padding frames
+  (valid False) become empty bytes."""
+  from PIL import Image
+
+  frames = np.asarray(frames, np.uint8)
+  valid = np.ones(len(frames), bool) if valid is None else np.asarray(valid, bool)
+  out = []
+  for frame, ok in zip(frames, valid):
+    buffer = io.BytesIO()
+    if ok:
+      Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
+    out.append(buffer.getvalue())
+  return out
+
+
 def decode_jpeg_frames(jpegs: Sequence[bytes], valid, image_size: int) -> np.ndarray:
   """JPEG bytes of the candidates -> uint8[n, S, S, 3]; padding frames stay zero."""
   from PIL import Image

@@ -15,6 +15,7 @@ once, followed by padding; a frame is never repeated to fill the budget.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import NamedTuple
@@ -103,14 +104,39 @@ def _raise_or_warn(message, allow_partial, remedy, outcome):
   warnings.warn(f"{message}. {outcome}.", RuntimeWarning, stacklevel=4)
 
 
+def check_span(span) -> tuple[float, float] | None:
+  """None, or (start_s, end_s) as floats with 0 <= start_s < end_s; else ValueError."""
+  if span is None:
+    return None
+  try:
+    start_s, end_s = (float(t) for t in span)
+  except (TypeError, ValueError):
+    raise ValueError(f"a span is (start_s, end_s) in seconds, got {span!r}") from None
+  if not (math.isfinite(start_s) and math.isfinite(end_s) and 0 <= start_s < end_s):
+    raise ValueError(f"a span needs 0 <= start_s < end_s, got [{start_s}, {end_s}]")
+  return start_s, end_s
+
+
+def span_frames(total_frames: int, fps: float, span) -> tuple[int, int]:
+  """[first, end) source frame numbers whose presentation time i / fps lies in the span
+  [start_s, end_s); the whole video for span None."""
+  if span is None:
+    return 0, total_frames
+  start_s, end_s = span
+  first = min(total_frames, math.ceil(start_s * fps - 1e-6))
+  return first, max(first, min(total_frames, math.ceil(end_s * fps - 1e-6)))
+
+
 def decode_candidates(
   path,
   n: int = 128,
   size: int = 224,
   backend: str = "auto",
   allow_partial: bool = False,
+  span: tuple[float, float] | None = None,
 ) -> Candidates:
-  """Decodes n candidate frames spread uniformly over a video, seeking to each.
+  """Decodes n candidate frames spread uniformly over a video, or over a span of it, seeking
+  to each.
 
   Args:
     path: video file.
@@ -121,16 +147,29 @@ def decode_candidates(
       the file).
     allow_partial: if some candidates fail to decode (a truncated or corrupt
       stream), mark them invalid and warn instead of raising.
+    span: (start_s, end_s): only the frames shown in [start_s, end_s) are candidates
+      (a bounded question); None: the whole video. Timestamps stay the video's own.
 
   Raises:
-    VideoError: missing file, not a video, no decodable frames, or (unless
-      allow_partial) some candidates failed; the message names the file, the
-      cause and the failed candidates.
+    VideoError: missing file, not a video, no decodable frames, a span that holds no
+      frame, or (unless allow_partial) some candidates failed; the message names the
+      file, the cause and the failed candidates.
   """
   path = os.fspath(path)
   if n < 1 or size < 1:
     raise ValueError(f"n and size must be >= 1, got n={n}, size={size}")
-  result = _decode(path, lambda total: candidate_frame_indices(total, n), size, n, backend)
+  span = check_span(span)
+
+  def pick(total, fps):
+    first, end = span_frames(total, fps, span)
+    if end <= first:
+      raise VideoError(
+        f"{path}: the span [{span[0]:g}, {span[1]:g}) s holds none of its {total} frames "
+        f"({total / fps:.2f} s at {fps:g} fps)"
+      )
+    return first + candidate_frame_indices(end - first, n)
+
+  result = _decode(path, pick, size, n, backend)
   return _finish(path, n, size, result, allow_partial)
 
 
@@ -150,7 +189,7 @@ def decode_frames(
     raise ValueError(f"size must be >= 1, got {size}")
   unique = np.unique(wanted)
 
-  def pick(total):
+  def pick(total, fps):
     outside = unique[(unique < 0) | (unique >= total)]
     if len(outside):
       raise VideoError(f"{path}: frames {outside.tolist()} are outside its {total} frames")
@@ -254,7 +293,7 @@ def _finish(path, n, size, decoded: _Decoded, allow_partial) -> Candidates:
 
 
 def _decode_decord(path, pick, size, capacity) -> _Decoded:
-  """decord: resizes inside the decoder; get_batch seeks to each frame `pick(total)` names."""
+  """decord: resizes inside the decoder; get_batch seeks to each frame `pick(total, fps)` names."""
   try:
     import decord
   except ImportError as error:
@@ -270,7 +309,7 @@ def _decode_decord(path, pick, size, capacity) -> _Decoded:
   total = len(reader)
   if total == 0:
     raise _OpenError("reports zero frames")  # "auto" then asks PyAV for a second opinion
-  indices = pick(total)
+  indices = pick(total, float(reader.get_avg_fps()))
   times = reader.get_frame_timestamp(indices.tolist())[:, 0].astype(np.float64)
   duration = float(reader.get_frame_timestamp(total - 1)[1])
   height, width = (size, size) if size else reader[0].shape[:2]
@@ -305,7 +344,7 @@ def _decode_decord(path, pick, size, capacity) -> _Decoded:
 
 
 def _decode_pyav(path, pick, size, capacity) -> _Decoded:
-  """PyAV: seek to the keyframe before each frame `pick(total)` names, decode forward to it."""
+  """PyAV: seek to the keyframe before each frame `pick(total, fps)` names, decode forward to it."""
   import av
 
   try:
@@ -328,7 +367,7 @@ def _decode_pyav(path, pick, size, capacity) -> _Decoded:
     start_s = (stream.start_time or 0) * time_base
     total, keyframes = _frame_count_and_keyframes(container, stream, fps, start_s)
     duration = total / fps
-    indices = pick(total)
+    indices = pick(total, fps)
     height, width = (
       (size, size) if size else (stream.codec_context.height, stream.codec_context.width)
     )

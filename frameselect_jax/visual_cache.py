@@ -1,16 +1,28 @@
-"""Cache of pooled visual tokens, one .npy file per video.
+"""Cache of pooled visual tokens, one file per distinct set of candidate frames.
 
-The vision tower is frozen in both training stages and its pooled output depends only on
-the video, so `encode_frames` runs once per video (jitted) instead of every step. The
-cache directory is keyed by a fingerprint of everything the tokens depend on (vision
-weights, pooling grid, compute dtype, image size), so a changed model never reads stale
-tokens. Writes are atomic (temporary file, then rename): several processes may fill one
-directory at once.
+The vision tower is frozen in stage 2 and its pooled output depends only on the candidate
+frames, so `encode_frames` runs once per video (jitted) instead of every step. Keys are
+contents, never names, so a dataset rebuilt at the same path with new videos is re-encoded
+and an unchanged one is reused wherever it lives:
+
+- the directory is named by a fingerprint of the tower (its weights' identity, pooling
+  grid, compute dtypes and input image size): `trainer.cache_directory`;
+- each file is named by `content_key(record, image_size)`: a hash of the candidates' pixels
+  as the record stores them (the JPEG bytes, or the decoded array), their timestamps and
+  validity, n and the image size they are resized to. Two questions about one video file
+  with different spans have different candidates, so different keys; two questions about
+  the same candidates share one entry.
+
+A file is the .npy bytes of the tokens followed by the SHA-256 digest of those bytes. One
+whose digest does not match (truncated or corrupt, as a killed writer or a bad disk can
+leave it) is never loaded: `load` treats it as absent, so `fill` recomputes it. Writes are
+atomic (temporary file, then rename): several processes may fill one directory at once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -18,6 +30,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
+
+DIGEST_BYTES = 32  # SHA-256
 
 
 def fingerprint(**parts) -> str:
@@ -47,36 +61,73 @@ def directory_identity(directory: str) -> list:
   return [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in files]
 
 
+def _update_array(digest, name, array):
+  array = np.ascontiguousarray(array)
+  digest.update(f"{name}:{array.dtype.str}:{array.shape}:".encode())
+  digest.update(array.tobytes())
+
+
+def content_key(record: dict, image_size: int) -> str:
+  """The hex key of a training record's candidate frames (schema: `records.py`): what its
+  pooled tokens are computed from, and nothing else (not its video_id, not its path)."""
+  digest = hashlib.sha256(f"frameselect-visual-tokens:v1:image_size={image_size}:".encode())
+  _update_array(digest, "timestamps", np.asarray(record["timestamps"], np.float32))
+  _update_array(digest, "valid", np.asarray(record["valid"], np.bool_))
+  if "frames" in record:
+    _update_array(digest, "frames", np.asarray(record["frames"], np.uint8))
+  else:
+    video = record["video"]
+    digest.update(f"jpeg:{len(video)}:".encode())
+    for jpeg in video:
+      digest.update(len(jpeg).to_bytes(8, "little"))
+      digest.update(jpeg)
+  return digest.hexdigest()[:40]
+
+
 class VisualTokenCache:
-  """video_id -> float32[n, g*g, vision width] stored as <directory>/<video_id>.npy."""
+  """content key -> float32[n, g*g, vision width], stored as <directory>/<key>.npy."""
 
   def __init__(self, directory: str):
     self.directory = directory
     os.makedirs(directory, exist_ok=True)
 
-  def path(self, video_id: str) -> str:
-    if not video_id:
-      raise ValueError("empty video_id")
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", video_id)
-    if safe != video_id:  # keep distinct ids distinct after escaping
-      safe += "-" + hashlib.sha1(video_id.encode()).hexdigest()[:8]
-    return os.path.join(self.directory, safe + ".npy")
+  def path(self, key: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{8,64}", key or ""):
+      raise ValueError(f"a cache key is a hex digest (content_key), got {key!r}")
+    return os.path.join(self.directory, key + ".npy")
 
-  def __contains__(self, video_id: str) -> bool:
-    return os.path.exists(self.path(video_id))
+  def load(self, key: str) -> np.ndarray | None:
+    """The tokens, or None when the entry is absent or damaged (its digest does not match)."""
+    try:
+      with open(self.path(key), "rb") as f:
+        blob = f.read()
+    except FileNotFoundError:
+      return None
+    body, digest = blob[:-DIGEST_BYTES], blob[-DIGEST_BYTES:]
+    if len(blob) <= DIGEST_BYTES or hashlib.sha256(body).digest() != digest:
+      return None
+    return np.load(io.BytesIO(body))
 
-  def get(self, video_id: str) -> np.ndarray:
-    path = self.path(video_id)
-    if not os.path.exists(path):
-      raise KeyError(f"video {video_id!r} is not in the visual-token cache {self.directory}")
-    return np.load(path)
+  def get(self, key: str) -> np.ndarray:
+    tokens = self.load(key)
+    if tokens is None:
+      state = "damaged" if os.path.exists(self.path(key)) else "missing"
+      raise KeyError(f"visual tokens {key} are {state} in the cache {self.directory}")
+    return tokens
 
-  def put(self, video_id: str, tokens: np.ndarray) -> None:
-    path = self.path(video_id)
+  def put(self, key: str, tokens: np.ndarray) -> None:
+    path = self.path(key)
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(tokens, np.float32))
+    body = buffer.getvalue()
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      np.save(f, np.asarray(tokens, np.float32))
-    os.replace(tmp, path)
+    try:
+      with open(tmp, "wb") as f:
+        f.write(body + hashlib.sha256(body).digest())
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
 
 def fill(
@@ -86,22 +137,24 @@ def fill(
   *,
   total: int | None = None,
   show_progress: bool = True,
-) -> int:
-  """Encodes every video missing from the cache; returns how many were computed.
+) -> tuple[int, int]:
+  """Encodes every entry missing from the cache, or damaged in it; returns (encoded, reused),
+  counting distinct keys.
 
-  videos: (video_id, load_frames) pairs, load_frames() -> uint8[n, H, W, 3];
+  videos: (content key, load_frames) pairs, load_frames() -> uint8[n, H, W, 3];
   encode: uint8 frames (1, n, H, W, 3) -> pooled tokens (1, n, g*g, D).
   """
-  computed = 0
+  encoded = reused = 0
   seen = set()
-  for video_id, load_frames in tqdm(
+  for key, load_frames in tqdm(
     videos, total=total, desc="visual-token cache", disable=not show_progress, leave=False
   ):
-    if video_id in seen or video_id in cache:
-      seen.add(video_id)
+    if key in seen:
       continue
-    seen.add(video_id)
-    tokens = np.asarray(encode(load_frames()[None]))[0]
-    cache.put(video_id, tokens)
-    computed += 1
-  return computed
+    seen.add(key)
+    if cache.load(key) is not None:
+      reused += 1
+      continue
+    cache.put(key, np.asarray(encode(load_frames()[None]))[0])
+    encoded += 1
+  return encoded, reused

@@ -78,6 +78,31 @@ def test_the_cache_is_lru_and_bounded(videos):
   assert selector.encode_calls == 3
 
 
+def test_a_span_is_part_of_the_cache_key(videos):
+  """Two bounded questions about one file (6 s at 8 fps) with different spans have different
+  candidates, so different tokens; the same span again is a cache hit."""
+  selector = FrameSelector.random(num_candidates=N)
+  early = selector.visual_tokens(videos["long"], span=(0, 3))
+  late = selector.visual_tokens(videos["long"], span=(3, 6))
+  assert selector.encode_calls == 2
+  assert early.frame_indices.max() < 24 <= late.frame_indices.min()
+  assert not np.allclose(early.tokens, late.tokens)
+  selector.visual_tokens(videos["long"], span=(0.0, 3.0))
+  assert selector.encode_calls == 2
+  pairs = [
+    (videos["long"], QUESTION, (), (3, 6)),
+    (videos["long"], QUESTION),
+    (videos["long"], "Where is the square?", ["left", "right"], (0, 3)),
+  ]
+  results = selector.select_many(pairs, k=4)
+  assert selector.encode_calls == 3  # the whole video is a third set of candidates
+  np.testing.assert_array_equal(results[0].candidate_frame_indices, late.frame_indices)
+  np.testing.assert_array_equal(results[2].candidate_frame_indices, early.frame_indices)
+  assert np.all(results[0].frame_indices >= 24) and np.all(results[2].frame_indices < 24)
+  with pytest.raises(ValueError, match="0 <= start_s < end_s"):
+    selector.select(videos["long"], QUESTION, k=4, span=(3, 1))
+
+
 def test_json_record_round_trips(selector, videos, tmp_path):
   results = [
     selector.select(videos["long"], QUESTION, k=4),

@@ -29,6 +29,19 @@ def test_array_record_source_round_trips_records(tmp_path):
     )
 
 
+def test_jpeg_frames_round_trip_and_padding_stays_empty():
+  frames = np.repeat(np.repeat(np.arange(48, dtype=np.uint8).reshape(1, 4, 4, 3) * 5, 4, 1), 4, 2)
+  frames = np.concatenate([frames, 255 - frames, frames])  # (3, 16, 16, 3)
+  valid = np.array([True, True, False])
+  jpegs = records.encode_jpeg_frames(frames, valid, quality=95)
+  assert jpegs[2] == b"" and all(j[:2] == b"\xff\xd8" for j in jpegs[:2])
+  back = records.decode_jpeg_frames(jpegs, valid, 16)
+  assert np.abs(back[:2].astype(int) - frames[:2]).mean() < 4  # lossy, but close
+  assert not back[2].any()
+  resized = records.decode_jpeg_frames(jpegs, valid, 8)
+  assert resized.shape == (3, 8, 8, 3)
+
+
 def test_needle_labels_point_at_the_named_square():
   recs = synthetic.needle_records(3, 16, 32, seed=0)
   for r in recs:

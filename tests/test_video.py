@@ -197,6 +197,27 @@ def test_bad_arguments(needle):
     decode_candidates(needle.path, n=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_span_spreads_the_candidates_over_its_own_frames(needle, backend):
+  """[5 s, 6 s) at 12 fps holds frames 60..71 (the needle's): the candidates are spread over
+  those, with the video's own timestamps; a span shorter than n frames pads."""
+  c = decode_candidates(needle.path, n=4, size=32, backend=backend, span=(5.0, 6.0))
+  np.testing.assert_array_equal(c.frame_indices, 60 + video.candidate_frame_indices(12, 4))
+  np.testing.assert_allclose(c.timestamps, c.frame_indices / 12, atol=1e-3)
+  assert c.valid.all()
+  short = decode_candidates(needle.path, n=4, size=32, backend=backend, span=(5.0, 5.25))
+  np.testing.assert_array_equal(short.frame_indices, [60, 61, 62, -1])
+  np.testing.assert_array_equal(short.valid, [True, True, True, False])
+
+
+def test_bad_spans_are_named(needle):
+  with pytest.raises(VideoError, match=r"the span \[20, 30\) s holds none of its 120 frames"):
+    decode_candidates(needle.path, n=4, size=32, span=(20, 30))
+  for bad in [(3, 2), (-1, 2), (1,), "ab", (0, float("nan"))]:
+    with pytest.raises(ValueError, match="span"):
+      decode_candidates(needle.path, n=4, size=32, span=bad)
+
+
 def test_normalize_numpy_and_jax():
   pixels = np.array([0, 127, 255], np.uint8)
   out = video.normalize(pixels)

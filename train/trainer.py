@@ -330,20 +330,30 @@ def start_from_stage1(config, params, frozen, param_shardings, frozen_shardings)
 def fill_visual_cache(
   config, selector_cfg, graphdef, params, frozen, train_indices, sources, cache_dir, spec
 ):
-  """Encodes every video this process will read, once, with the frozen tower on the local
-  devices (each process computes only what it needs; writes are atomic)."""
+  """Encodes the candidates of every record this process will read that the cache lacks, once
+  per distinct content key, with the frozen tower on the local devices (each process computes
+  only what it needs; writes are atomic). Returns (cache, encoded, reused)."""
   cache = visual_cache.VisualTokenCache(cache_dir)
   train_source, eval_source = sources
   wanted = [(train_source, i) for i in sorted(set(train_indices))]
   if eval_source is not None:
     wanted += [(eval_source, i) for i in range(len(eval_source))]
-  ids = {}
-  for source, i in wanted:
-    record = source[i]
-    if record["video_id"] not in ids and record["video_id"] not in cache:
-      ids[record["video_id"]] = (source, i)
+  ids, reused = {}, set()
+  for source, i in tqdm(
+    wanted,
+    desc="hashing candidates",
+    disable=not (config.log.progress and jax.process_index() == 0),
+    leave=False,
+  ):
+    key = visual_cache.content_key(source[i], spec.image_size)
+    if key in ids or key in reused:
+      continue
+    if cache.load(key) is not None:
+      reused.add(key)
+    else:
+      ids[key] = (source, i)
   if not ids:
-    return cache, 0
+    return cache, 0, len(reused)
   # The tower's weights, whole on this host (they may be sharded over other processes).
   local_device = jax.local_devices()[0]
   gather = lambda tree: jax.tree.map(
@@ -374,44 +384,34 @@ def fill_visual_cache(
     (vid, lambda s=s, i=i: records.record_frames(s[i], spec.image_size))
     for vid, (s, i) in ids.items()
   )
-  computed = visual_cache.fill(
+  encoded, _ = visual_cache.fill(
     cache,
     videos,
     lambda frames: encode(vision, frames),
     total=len(ids),
-    show_progress=jax.process_index() == 0,
+    show_progress=config.log.progress and jax.process_index() == 0,
   )
-  return cache, computed
+  return cache, encoded, len(reused)
 
 
 def cache_directory(config, selector_cfg, workdir, inherited_tower=None):
+  """<cache_dir>/<fingerprint of the tower>: everything that decides the tokens apart from the
+  candidates themselves, which key the files (visual_cache.content_key)."""
   if config.data.cache_dir:
     base = config.data.cache_dir
   else:
     base = os.path.join(os.path.dirname(os.path.abspath(workdir)), "visual_cache")
   key = visual_cache.fingerprint(
-    vision=str(selector_cfg.vision),
+    vision=str(selector_cfg.vision),  # sizes and the input image size
     pool_grid=selector_cfg.pool_grid,
     dtype=config.model.dtype,
     frozen_dtype=config.model.frozen_dtype,
-    vision_dir=config.model.vision_dir,
     vision_files=visual_cache.directory_identity(config.model.vision_dir),
     seed=None if config.model.vision_dir else config.seed,
     # A tower that stage 1 trained: its weights decide the tokens.
     trained_tower=None
     if inherited_tower is None
     else visual_cache.arrays_fingerprint(inherited_tower),
-    data=[
-      config.data.source,
-      config.data.train_path,
-      config.data.eval_path,
-      config.data.tfds_name,
-      config.data.synthetic_seed,
-      config.data.synthetic_train_videos,
-      config.data.synthetic_eval_videos,
-      config.data.needle.to_dict() if config.data.source == "needle" else None,
-      selector_cfg.num_candidates,
-    ],
   )
   return os.path.join(base, key)
 
@@ -478,6 +478,7 @@ def run(config, workdir: str | None = None) -> dict:
 
   # Visual tokens: computed once per video and read from disk instead of running the ViT.
   vision_abstract = None
+  cache_counts = {}  # for the metrics' start event
   transform_kw = dict(
     spec=spec, tokenizer=tokenizer, eos_id=eos_id, vocab_size=selector_cfg.llm.vocab_size
   )
@@ -487,7 +488,7 @@ def run(config, workdir: str | None = None) -> dict:
       int(i) for s in range(min(total_steps, len(index_batches))) for i in index_batches[s]
     ]
     cache_dir = cache_directory(config, selector_cfg, workdir, inherited.get("vision_tower"))
-    cache, computed = fill_visual_cache(
+    cache, encoded, reused = fill_visual_cache(
       config,
       selector_cfg,
       graphdef,
@@ -498,13 +499,16 @@ def run(config, workdir: str | None = None) -> dict:
       cache_dir,
       spec,
     )
-    logging.info("visual-token cache %s: %d videos encoded", cache_dir, computed)
+    logging.info("visual-token cache %s: %d videos encoded, %d reused", cache_dir, encoded, reused)
+    cache_counts = dict(visual_cache_encoded=encoded, visual_cache_reused=reused)
     vision_abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen["vision_tower"]
     )
     frozen = {k: v for k, v in frozen.items() if k != "vision_tower"}
     frozen_shardings = {k: v for k, v in frozen_shardings.items() if k != "vision_tower"}
-    transform_kw["visual_lookup"] = cache.get
+    transform_kw["visual_lookup"] = lambda record: cache.get(
+      visual_cache.content_key(record, spec.image_size)
+    )
   transform = functools.partial(input_pipeline.make_example, **transform_kw)
   train_data = batching(grain.MapDataset.source(train_source).map(transform))
   data_iterator = input_pipeline.to_iterator(
@@ -622,6 +626,7 @@ def run(config, workdir: str | None = None) -> dict:
     trainable_params=modeling.count_params(params),
     frozen_params=modeling.count_params(frozen),
     cached_visual_tokens=cached,
+    **cache_counts,
   )
   if is_chief:
     logging.info(

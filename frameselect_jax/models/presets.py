@@ -79,16 +79,6 @@ SIGLIP = {
     image_size=56,
     patch_size=8,
   ),
-  # The tiny tower at 32 px (a 4 x 4 patch grid): a third of the tiny one's work, for the
-  # CPU config that trains it from scratch (configs/needle.py).
-  "tiny-32px": SiglipVisionConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=32,
-    patch_size=8,
-  ),
 }
 
 
