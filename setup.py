@@ -43,5 +43,5 @@ setup(
   python_requires=">=3.10",
   install_requires=CORE,
   extras_require=EXTRAS,
-  entry_points={"console_scripts": ["frameselect=frameselect_jax.cli:main"]},
+  entry_points={"console_scripts": ["frameselect=frameselect_jax.cli:run"]},
 )

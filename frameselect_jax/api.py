@@ -303,6 +303,8 @@ class FrameSelector:
     )
     try:
       restored, _ = ckpt.restore_params(ckpt_dir, abstract, step)
+    except ckpt.DamagedCheckpointError:
+      raise
     except Exception as error:
       raise ValueError(
         f"{ckpt_dir}: step {step} does not match the model its config "

@@ -16,13 +16,19 @@ directory, which is never read back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import sys
+import tempfile
+import time
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from frameselect_jax import errors
 
 ITEMS = ("params", "opt_state", "data", "meta", "inherited")
 
@@ -136,6 +142,38 @@ def load_params_numpy(directory: str, step: int | None = None) -> dict:
   return params
 
 
+@contextlib.contextmanager
+def _stderr_dropped_on_failure(settle_s: float = 0.5):
+  """orbax reads a checkpoint with many concurrent tensorstore operations. When one fails on a
+  damaged file, the others' callbacks land on an event loop already closed and print
+  tracebacks from C++ straight to file descriptor 2, after our one-line error. So fd 2 is
+  captured during the read: replayed when the read succeeds, dropped (once the stragglers
+  have had settle_s to finish) when it fails, since the error raised says what went wrong."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  failed = False
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      failed = True
+      time.sleep(settle_s)
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        capture.seek(0)
+        if data := capture.read():
+          os.write(2, data)
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint's files exist but cannot be read."""
+
+
 def saved_tree(directory: str, step: int | None = None, item: str = "params"):
   """The saved item's tree of array metadata (shapes, dtypes), None when the step lacks the
   item; nothing is read but metadata."""
@@ -149,7 +187,12 @@ def saved_tree(directory: str, step: int | None = None, item: str = "params"):
   # an item folder does not have, and warn.
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    return handler.metadata(pathlib.Path(path)).tree
+    with _stderr_dropped_on_failure():
+      return handler.metadata(pathlib.Path(path)).tree
+  except Exception as error:  # orbax and tensorstore raise many types for a damaged file
+    raise DamagedCheckpointError(
+      f"{path}: cannot read its metadata (damaged or incomplete?): {errors.one_line(error)}"
+    ) from error
   finally:
     handler.close()
 
@@ -175,12 +218,17 @@ def restore_params(directory: str, abstract_params, step: int | None = None, ite
     restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_params
     )
-    params = checkpointer.restore(
-      path,
-      args=ocp.args.PyTreeRestore(
-        item=abstract_params, restore_args=restore_args, partial_restore=True
-      ),
-    )
+    with _stderr_dropped_on_failure():
+      params = checkpointer.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+          item=abstract_params, restore_args=restore_args, partial_restore=True
+        ),
+      )
+  except Exception as error:  # shapes were checked above: what is left is the files
+    raise DamagedCheckpointError(
+      f"{path}: cannot read its arrays (damaged or incomplete?): {errors.one_line(error, 160)}"
+    ) from error
   finally:
     checkpointer.close()
   return params, step

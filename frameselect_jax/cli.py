@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from frameselect_jax import errors
+
 RANDOM_NOTICE = (
   "note: no --checkpoint given: using the tiny random preset. Its scores are "
   "untrained and random, so the chosen frames mean nothing; pass --checkpoint "
@@ -288,5 +290,13 @@ def run_demo(args) -> int:
   return 0
 
 
+def run() -> None:
+  """The `frameselect` console script."""
+  status = main()
+  if status == errors.INPUT_ERROR_STATUS:
+    errors.mute_stderr()
+  sys.exit(status)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

@@ -10,6 +10,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from frameselect_jax import errors
+
 config_flags.DEFINE_config_file(
   "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
 )
@@ -33,12 +35,13 @@ def main(argv):
   try:
     summary = trainer.run(config, flags.FLAGS.workdir)
   except trainer.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
+    errors.exit_with(str(e), prefix="config error")
+  except errors.InputError as e:
+    errors.exit_with(str(e))
   logging.info("finished: %s", summary)
   if summary["preempted"]:
     sys.exit(trainer.exit_code_for_preemption())
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

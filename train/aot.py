@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 
 import jax
 
+from frameselect_jax import errors
 from frameselect_jax.models import attention as attention_lib
 from train.flops import ici_bytes_per_chip, step_flops
 from train.hlo_traffic import hbm_bytes_accessed
@@ -58,17 +60,43 @@ CHIPS = {
 }
 
 
+TOPOLOGY_EXAMPLES = "v5e:2x2, v5e:4x4, v5e:16x16, v5p:2x2x1, v4:2x2x1, v6e:2x2"
+
+
+def check_topology_name(name: str) -> None:
+  """<chip>:<AxB[xC]> with a chip whose figures CHIPS publishes; else InputError naming the
+  known chips (before libtpu is loaded: its own errors are long and blame the install)."""
+  known = sorted(chip.name for chip in CHIPS.values())
+  chip, _, shape = (name or "").partition(":")
+  if chip not in known:
+    raise errors.InputError(
+      f"--topology={name}: unknown chip {chip!r}; known: {', '.join(known)} "
+      f"(e.g. {TOPOLOGY_EXAMPLES})"
+    )
+  if not re.fullmatch(r"[1-9][0-9]*(x[1-9][0-9]*){1,2}", shape):
+    raise errors.InputError(
+      f"--topology={name}: the chip grid must look like 2x2 or 2x2x1, got {shape!r} "
+      f"(e.g. {TOPOLOGY_EXAMPLES})"
+    )
+
+
 def topology_devices(name: str):
+  check_topology_name(name)
   # We only compile, never run on a TPU: let several processes load libtpu at once
   # (otherwise a second process fails on libtpu's lockfile).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
-
+  except ImportError as e:
+    raise errors.InputError(f"cannot compile for TPUs here: {e}") from None
+  try:
     return topologies.get_topology_desc(name, "tpu").devices
-  except Exception as e:  # libtpu missing, or an unknown topology name
-    raise SystemExit(
-      f"cannot describe TPU topology {name!r}: {e}\n(is libtpu installed? pip install -e .[tpu])"
+  except Exception as e:  # libtpu missing, or a grid this chip cannot have
+    hint = "is libtpu installed? pip install -e .[tpu]"
+    if "Unable to initialize backend" not in str(e) and "libtpu" not in str(e).lower():
+      hint = f"known grids look like {TOPOLOGY_EXAMPLES}"
+    raise errors.InputError(
+      f"--topology={name}: libtpu cannot describe it ({errors.one_line(e)}; {hint})"
     ) from None
 
 
@@ -79,7 +107,10 @@ def compile_report(config, topology: str) -> dict:
   devices = topology_devices(topology)
   kind = devices[0].device_kind
   if kind not in CHIPS:
-    raise SystemExit(f"no published figures for device kind {kind!r}; known: {sorted(CHIPS)}")
+    raise errors.InputError(
+      f"--topology={topology}: no published figures for device kind {kind!r}; "
+      f"known: {sorted(CHIPS)}"
+    )
   chip = CHIPS[kind]
   selector_cfg, ratio = trainer.check_config(config, runtime=False)
   mesh = trainer.make_mesh(config, devices)

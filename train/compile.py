@@ -13,6 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from frameselect_jax import errors
+
 config_flags.DEFINE_config_file(
   "config", None, "Experiment config (configs/*.py[:arg]).", lock_config=True
 )
@@ -22,16 +24,17 @@ flags.DEFINE_string("json_out", None, "Also write the report as JSON to this fil
 
 def main(argv):
   del argv
-  if not flags.FLAGS.topology:
-    raise app.UsageError("--topology is required, e.g. --topology=v5e:4x4")
   from train.aot import GIB, compile_report, format_report
   from train.trainer import ConfigError
 
+  if not flags.FLAGS.topology:
+    errors.exit_with("--topology is required, e.g. --topology=v5e:4x4")
   try:
     report = compile_report(flags.FLAGS.config, flags.FLAGS.topology)
   except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
+    errors.exit_with(str(e), prefix="config error")
+  except errors.InputError as e:
+    errors.exit_with(str(e))
   print(format_report(report))
   if flags.FLAGS.json_out:
     with open(flags.FLAGS.json_out, "w") as f:
@@ -58,4 +61,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from frameselect_jax import checkpoint as ckpt
 from frameselect_jax import (
+  errors,
   experiment,
   hf,
   input_pipeline,
@@ -40,7 +41,7 @@ from train import step as step_lib
 from train.metrics import MetricWriter
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.InputError):
   """A configuration that cannot run; raised before any heavy work starts."""
 
 
@@ -215,6 +216,18 @@ def write_needle_data(config, workdir: str) -> str:
   return root
 
 
+def check_output_directories(config, workdir):
+  """Every folder the run writes can be made and written, before anything is."""
+  try:
+    errors.check_can_create(workdir, "workdir")
+    if config.data.cache_visual_tokens:
+      errors.check_can_create(cache_base(config, workdir), "visual-token cache")
+    if config.data.source == "needle":
+      errors.check_can_create(needle_directory(config, workdir), "needle benchmark folder")
+  except errors.InputError as e:
+    raise ConfigError(str(e)) from None
+
+
 def make_sources(config, selector_cfg, workdir):
   d = config.data
   n, size = selector_cfg.num_candidates, selector_cfg.vision.image_size
@@ -231,14 +244,48 @@ def make_sources(config, selector_cfg, workdir):
       for split in NEEDLE_SPLITS
     )
   if d.source == "array_record":
-    train = input_pipeline.ArrayRecordSource(d.train_path)
-    held_out = input_pipeline.ArrayRecordSource(d.eval_path) if d.eval_path else None
+    train = open_array_records(d.train_path, "data.train_path")
+    held_out = open_array_records(d.eval_path, "data.eval_path") if d.eval_path else None
     return train, held_out
-  train = input_pipeline.tfds_source(d.tfds_name, d.train_split, d.tfds_dir)
-  held_out = (
-    input_pipeline.tfds_source(d.tfds_name, d.eval_split, d.tfds_dir) if d.eval_split else None
-  )
+  train = open_tfds(d.tfds_name, d.train_split, d.tfds_dir)
+  held_out = open_tfds(d.tfds_name, d.eval_split, d.tfds_dir) if d.eval_split else None
   return train, held_out
+
+
+def open_array_records(pattern, flag):
+  try:
+    return input_pipeline.ArrayRecordSource(pattern)
+  except FileNotFoundError as e:
+    raise ConfigError(f"{flag}={pattern!r}: {e} ({_what_is_there(pattern)})") from None
+  except (RuntimeError, ValueError, OSError) as e:  # array_record's reader: RuntimeError
+    raise ConfigError(
+      f"{flag}={pattern!r}: not a readable array_record file ({errors.one_line(e)})"
+    ) from None
+
+
+def _what_is_there(pattern):
+  folder = os.path.dirname(os.path.abspath(str(pattern).split(",")[0]))
+  if not os.path.isdir(folder):
+    existing = folder
+    while not os.path.isdir(existing):
+      existing = os.path.dirname(existing)
+    return f"{folder} does not exist; {existing} does"
+  found = sorted(f for f in os.listdir(folder) if f.endswith(".array_record"))
+  if not found:
+    return f"{folder} holds no .array_record files"
+  listed = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+  return f"{folder} holds {listed}"
+
+
+def open_tfds(name, split, data_dir):
+  try:
+    return input_pipeline.tfds_source(name, split, data_dir)
+  except Exception as e:  # tfds raises its own types for unknown names, splits, folders
+    raise ConfigError(
+      f"data.tfds_name={name!r} split {split!r}"
+      + (f" in {data_dir}" if data_dir else "")
+      + f": cannot open it ({errors.one_line(e)})"
+    ) from None
 
 
 def check_sources(sources, transform):
@@ -251,7 +298,13 @@ def check_sources(sources, transform):
     if len(source) == 0:
       raise ConfigError(f"the {name} split is empty")
     try:
-      transform(source[0])
+      record = source[0]
+    except Exception as e:  # a corrupt file: msgpack, array_record or tfds errors
+      raise ConfigError(
+        f"the {name} split's first record cannot be read: {errors.one_line(e)} ({source!r})"
+      ) from None
+    try:
+      transform(record)
     except (ValueError, KeyError) as e:
       raise ConfigError(f"the {name} split does not fit this config: {e}") from None
 
@@ -303,17 +356,23 @@ def start_from_stage1(config, params, frozen, param_shardings, frozen_shardings)
   from scratch in stage 1) are returned as `inherited` too, for stage 2's checkpoints to
   carry: inference rebuilds the model from one checkpoint. Returns (params, frozen,
   inherited)."""
-  saved = ckpt.saved_tree(config.train.init_from) or {}
-  trained = [k for k in config.train.trainable if k in saved]
-  kept_frozen = [k for k in saved if k not in config.train.trainable and k in frozen]
-  stage1 = {k: params[k] for k in trained}
-  abstract = modeling.abstract_of(stage1, {k: param_shardings[k] for k in trained})
-  restored, step = ckpt.restore_params(config.train.init_from, abstract)
-  inherited = {}
-  if kept_frozen:
-    old = {k: frozen[k] for k in kept_frozen}
-    abstract = modeling.abstract_of(old, {k: frozen_shardings[k] for k in kept_frozen})
-    inherited, _ = ckpt.restore_params(config.train.init_from, abstract, step)
+  try:
+    saved = ckpt.saved_tree(config.train.init_from) or {}
+    trained = [k for k in config.train.trainable if k in saved]
+    kept_frozen = [k for k in saved if k not in config.train.trainable and k in frozen]
+    stage1 = {k: params[k] for k in trained}
+    abstract = modeling.abstract_of(stage1, {k: param_shardings[k] for k in trained})
+    restored, step = ckpt.restore_params(config.train.init_from, abstract)
+    inherited = {}
+    if kept_frozen:
+      old = {k: frozen[k] for k in kept_frozen}
+      abstract = modeling.abstract_of(old, {k: frozen_shardings[k] for k in kept_frozen})
+      inherited, _ = ckpt.restore_params(config.train.init_from, abstract, step)
+  except (ValueError, OSError) as e:  # another model's, or a damaged checkpoint
+    raise ConfigError(
+      f"train.init_from={config.train.init_from!r}: cannot start stage 2 from it: "
+      f"{errors.one_line(e, limit=400)}"
+    ) from None
   logging.info(
     "stage 2: %s (trained) and %s (frozen) from %s step %d",
     sorted(restored),
@@ -397,10 +456,6 @@ def fill_visual_cache(
 def cache_directory(config, selector_cfg, workdir, inherited_tower=None):
   """<cache_dir>/<fingerprint of the tower>: everything that decides the tokens apart from the
   candidates themselves, which key the files (visual_cache.content_key)."""
-  if config.data.cache_dir:
-    base = config.data.cache_dir
-  else:
-    base = os.path.join(os.path.dirname(os.path.abspath(workdir)), "visual_cache")
   key = visual_cache.fingerprint(
     vision=str(selector_cfg.vision),  # sizes and the input image size
     pool_grid=selector_cfg.pool_grid,
@@ -413,7 +468,13 @@ def cache_directory(config, selector_cfg, workdir, inherited_tower=None):
     if inherited_tower is None
     else visual_cache.arrays_fingerprint(inherited_tower),
   )
-  return os.path.join(base, key)
+  return os.path.join(cache_base(config, workdir), key)
+
+
+def cache_base(config, workdir):
+  if config.data.cache_dir:
+    return os.path.abspath(config.data.cache_dir)
+  return os.path.join(os.path.dirname(os.path.abspath(workdir)), "visual_cache")
 
 
 # --- The run ---
@@ -423,6 +484,7 @@ def run(config, workdir: str | None = None) -> dict:
   """Trains one stage; returns a summary (final step, last losses, last evaluation)."""
   workdir = os.path.abspath(workdir or config.workdir)
   selector_cfg, ratio = check_config(config)
+  check_output_directories(config, workdir)
   setup_distributed(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
