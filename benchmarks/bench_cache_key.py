@@ -85,11 +85,11 @@ def bench(name, cfg, repeats):
   print(f"  encode (tower + pooling, jitted):     {ms(encode_s)}")
   print(
     f"  content_key of the JPEG bytes:        {ms(hash_jpeg_s)}  "
-    f"({hash_jpeg_s / encode_s:.4f} of encoding)"
+    f"({hash_jpeg_s / encode_s:.2g} of encoding)"
   )
   print(
     f"  content_key of the decoded frames:    {ms(hash_frames_s)}  "
-    f"({hash_frames_s / encode_s:.4f} of encoding)"
+    f"({hash_frames_s / encode_s:.2g} of encoding)"
   )
   print(f"  load with digest check:               {ms(checked_s)}")
   print(f"  np.load, unchecked:                   {ms(unchecked_s)}")
