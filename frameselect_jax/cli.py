@@ -160,8 +160,8 @@ def run_select(args) -> int:
     raise FileNotFoundError(f"video {args.video!r} does not exist")
   if args.checkpoint and not os.path.isdir(args.checkpoint):
     raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
-  if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
-    raise FileNotFoundError(f"the folder of --plot {args.plot!r} does not exist")
+  if args.plot:
+    errors.check_can_write_file(args.plot, "--plot")
   if args.k < 1:
     raise ValueError(f"-k must be >= 1, got {args.k}")
   selector = load_selector(args, args.n)

@@ -66,6 +66,30 @@ def check_can_create(path: str, what: str) -> None:
   os.rmdir(probe)
 
 
+def check_can_write_file(path: str, what: str) -> None:
+  """Raises InputError unless `path` could be written: its folder exists and takes files, and
+  it is not itself a folder. Creates nothing."""
+  path = os.path.abspath(path)
+  folder = os.path.dirname(path)
+  if os.path.isdir(path):
+    raise InputError(f"{what} {path}: is a folder, not a file")
+  if not os.path.isdir(folder):
+    raise InputError(f"{what} {path}: the folder {folder} does not exist")
+  check_can_create(folder, what)
+
+
+def write_atomically(path: str, text: str) -> None:
+  """Writes a whole file or none: a temporary file beside it, then a rename."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def parse_flags(argv):
   """absl's `flags_parser` for our commands (`app.run(main, flags_parser=parse_flags)`): a
   mistake on the command line (an unknown flag, a value of the wrong type, a config file that

@@ -7,6 +7,7 @@ Matplotlib renders with Agg (no display needed); `plot_selection` writes a PNG.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -128,5 +129,11 @@ def plot_selection(
     ax.set_title(f"#{int(chosen[j])}  {result.timestamps[j]:.2f} s", fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
-  figure.savefig(out_path, format="png")
+  tmp = f"{out_path}.tmp-{os.getpid()}"  # whole or not at all
+  try:
+    figure.savefig(tmp, format="png")
+    os.replace(tmp, out_path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return out_path

@@ -163,11 +163,21 @@ def _cases():
       "--topology=v9z:3x3: unknown chip 'v9z'; known: v4, v5e, v5p, v6e",
     ),
     ("topology without a grid", lambda i, o: [*COMPILE, "--topology=v5e"], "--topology=v5e"),
+    (
+      "report into a missing folder",
+      lambda i, o: [*COMPILE, "--topology=v5e:2x2", f"--json_out={i}/nothing/report.json"],
+      "nothing/report.json: the folder",
+    ),
     # frameselect select
     (
       "video path is a folder",
       lambda i, o: [*SELECT, f"{i}/a_folder.mp4", "Where is the red card?"],
       "a_folder.mp4: not a regular file",
+    ),
+    (
+      "plot into a folder",
+      lambda i, o: [*SELECT, f"{i}/clip.mp4", "Where?", "-n", "16", f"--plot={i}/a_folder.mp4"],
+      "--plot",
     ),
     (
       "missing checkpoint",

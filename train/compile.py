@@ -30,6 +30,8 @@ def main(argv):
   if not flags.FLAGS.topology:
     errors.exit_with("--topology is required, e.g. --topology=v5e:4x4")
   try:
+    if flags.FLAGS.json_out:
+      errors.check_can_write_file(flags.FLAGS.json_out, "--json_out")
     report = compile_report(flags.FLAGS.config, flags.FLAGS.topology)
   except ConfigError as e:
     errors.exit_with(str(e), prefix="config error")
@@ -37,8 +39,7 @@ def main(argv):
     errors.exit_with(str(e))
   print(format_report(report))
   if flags.FLAGS.json_out:
-    with open(flags.FLAGS.json_out, "w") as f:
-      json.dump(report, f, indent=2)
+    errors.write_atomically(flags.FLAGS.json_out, json.dumps(report, indent=2))
   too_big = [(t, r) for t, r in report["tasks"].items() if not r["fits"]]
   if too_big:
     for task, r in too_big:
