@@ -99,7 +99,14 @@ class Checkpointer:
       data=grain.checkpoint.CheckpointRestore(data_iterator),
       meta=ocp.args.JsonRestore(),
     )
-    restored = self.manager.restore(step, args=args)
+    try:
+      with _stderr_dropped_on_failure():
+        restored = self.manager.restore(step, args=args)
+    except Exception as error:  # damaged files, or trees of another config
+      raise DamagedCheckpointError(
+        f"{self.directory}/{step}: cannot restore it (damaged, or written by another "
+        f"config?): {errors.one_line(error, 200)}"
+      ) from error
     return restored["params"], restored["opt_state"], restored["meta"]
 
   def wait(self):

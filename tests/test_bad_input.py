@@ -23,6 +23,12 @@ STAGE2 = [
 ]
 COMPILE = [sys.executable, "-m", "train.compile", "--config=configs/stage1.py:tiny"]
 SELECT = [sys.executable, "-m", "frameselect_jax.cli", "select"]
+SMALL_RUN = (
+  "--config.train.num_steps=2",
+  "--config.data.global_batch_size=4",
+  "--config.data.synthetic_train_videos=8",
+  "--config.data.synthetic_eval_videos=2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +36,7 @@ def inputs(tmp_path_factory):
   """What the cases point at: a stage-1 checkpoint (2 steps of the tiny config), damaged
   copies of it, a video, a corrupt dataset and one whose records lack their question."""
   root = tmp_path_factory.mktemp("inputs")
-  run_train(
-    "configs/stage1.py:tiny",
-    str(root / "stage1"),
-    "--config.train.num_steps=2",
-    "--config.data.global_batch_size=4",
-    "--config.data.synthetic_train_videos=8",
-    "--config.data.synthetic_eval_videos=2",
-  )
+  run_train("configs/stage1.py:tiny", str(root / "stage1"), *SMALL_RUN)
   step_dir = root / "stage1" / "checkpoints" / "2"
   # Damaged copies: array files overwritten (a bad disk), metadata cut short (a killed copy).
   shutil.copytree(root / "stage1", root / "damaged_arrays")
@@ -145,6 +144,11 @@ def _cases():
         f"--config.train.init_from={i}/damaged_metadata/checkpoints",
       ],
       "damaged_metadata/checkpoints/2/params: cannot read its metadata",
+    ),
+    (
+      "resuming from a damaged checkpoint",
+      lambda i, o: [*STAGE1, f"--workdir={i}/damaged_arrays", *SMALL_RUN],
+      "damaged_arrays/checkpoints/2: cannot restore it",
     ),
     (
       "checkpoint of another model size",

@@ -586,12 +586,18 @@ def run(config, workdir: str | None = None) -> dict:
   )
   start_step = checkpointer.latest_step() or 0
   if start_step:
-    params, opt_state, meta = checkpointer.restore(
-      start_step,
-      abstract_params=modeling.abstract_of(params, param_shardings),
-      abstract_opt_state=modeling.abstract_of(opt_state, opt_shardings),
-      data_iterator=data_iterator,
-    )
+    try:
+      params, opt_state, meta = checkpointer.restore(
+        start_step,
+        abstract_params=modeling.abstract_of(params, param_shardings),
+        abstract_opt_state=modeling.abstract_of(opt_state, opt_shardings),
+        data_iterator=data_iterator,
+      )
+    except ckpt.DamagedCheckpointError as e:
+      raise ConfigError(
+        f"{e}; to resume from an earlier step, remove this one; to start afresh, use "
+        "another workdir"
+      ) from None
     if meta.get("config_stage") != config.stage:
       raise ConfigError(
         f"{workdir} holds a stage-{meta.get('config_stage')} checkpoint; "
