@@ -4,7 +4,7 @@ scratch on this CPU and measures it on held-out needle videos it has never seen.
   python benchmarks/bench_learning.py [--heads=frame_query,query_mlp] [--workdir=DIR]
 
 For each score head it prints the training wall time of both stages, then, on the held-out
-(test) split, recall@k and hit@k (selection.py) for k = 2, 4, 8 of: uniform sampling, random
+(test) split, recall@k and hit@k (selection.py) for k = 1, 2, 4, 8 of: uniform sampling, random
 frames, top-k and greedy NMS of the trained selector's scores, and NMS over the labels
 themselves (the ceiling). Last, recall@k and hit@k of the asked needle when each question is
 swapped for another needle's question of the same video (the frames stay): a selector that
@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-KS = (2, 4, 8)
+KS = (1, 2, 4, 8)
 
 
 def train_both_stages(head, root, needle_dir):
