@@ -5,7 +5,7 @@ digest: `VisualTokenCache.load`) against loading it unchecked with np.load.
 
   python benchmarks/bench_cache_key.py [--repeats=5]
 
-Configs (random weights; the time does not depend on their values):
+Configs (bench_cache.py's; random weights, the time does not depend on their values):
   tiny  the CPU test preset (56 px tower), n=128 candidates
   base  SigLIP base/16 at 224 px, n=32 candidates (n=128 would take a minute per encode on two
         cores; hashing and encoding both scale linearly in n, so the ratio holds)
@@ -17,34 +17,15 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from frameselect_jax import experiment, records, video, visual_cache  # noqa: E402
-from frameselect_jax.models import presets  # noqa: E402
-from frameselect_jax.models.selector import Selector, SelectorConfig  # noqa: E402
-
-CONFIGS = {
-  "tiny": lambda: experiment.selector_config(dict(llm="tiny", vision="tiny", num_candidates=128)),
-  "base": lambda: SelectorConfig(
-    vision=presets.preset(presets.SIGLIP, "siglip-base-patch16-224"),
-    llm=presets.preset(presets.QWEN2, "tiny"),
-    num_candidates=32,
-  ).validate(),
-}
-
-
-def best_of(repeats, fn):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+from benchmarks.bench_cache import best_of, configs  # noqa: E402
+from frameselect_jax import records, video, visual_cache  # noqa: E402
+from frameselect_jax.models.selector import Selector  # noqa: E402
 
 
 def bench(name, cfg, repeats):
@@ -97,13 +78,12 @@ def bench(name, cfg, repeats):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="all", choices=("all", *CONFIGS))
+  parser.add_argument("--config", default="all", choices=("all", "tiny", "base"))
   parser.add_argument("--repeats", type=int, default=5, help="timed runs (minimum is printed)")
   args = parser.parse_args()
   print(f"{os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.default_backend()}")
-  for name, make in CONFIGS.items():
-    if args.config in ("all", name):
-      bench(name, make(), args.repeats)
+  for name, cfg in configs(args.config).items():
+    bench(name, cfg, args.repeats)
 
 
 if __name__ == "__main__":

@@ -411,7 +411,11 @@ def fill_visual_cache(
       reused.add(key)
     else:
       ids[key] = (source, i)
-  if not ids:
+  # Gathering the tower below is collective: every process takes part when any one needs it.
+  needed = len(ids)
+  if jax.process_count() > 1:
+    needed = int(np.sum(multihost_utils.process_allgather(np.int32(len(ids)))))
+  if not needed:
     return cache, 0, len(reused)
   # The tower's weights, whole on this host (they may be sharded over other processes).
   local_device = jax.local_devices()[0]
