@@ -391,20 +391,22 @@ def fill_visual_cache(
 ):
   """Encodes the candidates of every record this process will read that the cache lacks, once
   per distinct content key, with the frozen tower on the local devices (each process computes
-  only what it needs; writes are atomic). Returns (cache, encoded, reused)."""
+  only what it needs; writes are atomic). Returns (cache, encoded, reused, keys): keys[j] maps
+  each record index of sources[j] that was hashed to its content key."""
   cache = visual_cache.VisualTokenCache(cache_dir)
   train_source, eval_source = sources
-  wanted = [(train_source, i) for i in sorted(set(train_indices))]
+  wanted = [(0, i) for i in sorted(set(train_indices))]
   if eval_source is not None:
-    wanted += [(eval_source, i) for i in range(len(eval_source))]
-  ids, reused = {}, set()
-  for source, i in tqdm(
+    wanted += [(1, i) for i in range(len(eval_source))]
+  ids, reused, keys = {}, set(), ({}, {})
+  for j, i in tqdm(
     wanted,
     desc="hashing candidates",
     disable=not (config.log.progress and jax.process_index() == 0),
     leave=False,
   ):
-    key = visual_cache.content_key(source[i], spec.image_size)
+    source = sources[j]
+    key = keys[j][i] = visual_cache.content_key(source[i], spec.image_size)
     if key in ids or key in reused:
       continue
     if cache.load(key) is not None:
@@ -416,7 +418,7 @@ def fill_visual_cache(
   if jax.process_count() > 1:
     needed = int(np.sum(multihost_utils.process_allgather(np.int32(len(ids)))))
   if not needed:
-    return cache, 0, len(reused)
+    return cache, 0, len(reused), keys
   # The tower's weights, whole on this host (they may be sharded over other processes).
   local_device = jax.local_devices()[0]
   gather = lambda tree: jax.tree.map(
@@ -454,7 +456,26 @@ def fill_visual_cache(
     total=len(ids),
     show_progress=config.log.progress and jax.process_index() == 0,
   )
-  return cache, encoded, len(reused)
+  return cache, encoded, len(reused), keys
+
+
+class WithVisualKeys:
+  """A source whose records carry `visual_key`, their content key, hashed once when the cache
+  was filled: the data path looks tokens up without hashing the frames again."""
+
+  def __init__(self, source, keys: dict, image_size: int):
+    self.source, self.keys, self.image_size = source, keys, image_size
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    record = self.source[index]
+    key = self.keys.get(int(index)) or visual_cache.content_key(record, self.image_size)
+    return {**record, "visual_key": key}
+
+  def __repr__(self):
+    return repr(self.source)
 
 
 def cache_directory(config, selector_cfg, workdir, inherited_tower=None):
@@ -554,7 +575,7 @@ def run(config, workdir: str | None = None) -> dict:
       int(i) for s in range(min(total_steps, len(index_batches))) for i in index_batches[s]
     ]
     cache_dir = cache_directory(config, selector_cfg, workdir, inherited.get("vision_tower"))
-    cache, encoded, reused = fill_visual_cache(
+    cache, encoded, reused, keys = fill_visual_cache(
       config,
       selector_cfg,
       graphdef,
@@ -572,9 +593,10 @@ def run(config, workdir: str | None = None) -> dict:
     )
     frozen = {k: v for k, v in frozen.items() if k != "vision_tower"}
     frozen_shardings = {k: v for k, v in frozen_shardings.items() if k != "vision_tower"}
-    transform_kw["visual_lookup"] = lambda record: cache.get(
-      visual_cache.content_key(record, spec.image_size)
-    )
+    train_source = WithVisualKeys(train_source, keys[0], spec.image_size)
+    if eval_source is not None:
+      eval_source = WithVisualKeys(eval_source, keys[1], spec.image_size)
+    transform_kw["visual_lookup"] = lambda record: cache.get(record["visual_key"])
   transform = functools.partial(input_pipeline.make_example, **transform_kw)
   train_data = batching(grain.MapDataset.source(train_source).map(transform))
   data_iterator = input_pipeline.to_iterator(
