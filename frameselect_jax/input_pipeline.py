@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import os
 from typing import Any, Callable, Sequence
 
 import grain
@@ -78,28 +77,28 @@ def needle_source(
   """
   from tqdm import tqdm
 
-  from frameselect_jax import jsonl, synthetic, video
+  from frameselect_jax import synthetic, video, videoqa
 
-  items = jsonl.read(os.path.join(root, f"{split}.jsonl"))
+  items = videoqa.load("needle", root, split)
   decoded = {}
   out = []
   for item in tqdm(items, desc=f"decoding needle {split}", disable=not progress, leave=False):
-    if item["video_id"] not in decoded:
-      decoded[item["video_id"]] = video.decode_candidates(
-        os.path.join(root, item["video"]), n=num_candidates, size=image_size, backend=backend
+    if item.video_id not in decoded:
+      decoded[item.video_id] = video.decode_candidates(
+        item.video, n=num_candidates, size=image_size, backend=backend
       )
-    candidates = decoded[item["video_id"]]
+    candidates = decoded[item.video_id]
     out.append(
       {
-        "video_id": item["video_id"],
-        "qid": item["qid"],
+        "video_id": item.video_id,
+        "qid": item.qid,
         "frames": candidates.frames,
         "timestamps": candidates.timestamps,
         "valid": candidates.valid,
-        "question": item["question"],
-        "options": item["options"],
-        "answer": item["answer"],
-        "labels": synthetic.candidate_relevance(item, candidates.frame_indices),
+        "question": item.question,
+        "options": list(item.options),
+        "answer": item.answer,
+        "labels": synthetic.candidate_relevance(item.extra, candidates.frame_indices),
       }
     )
   return InMemorySource(out)

@@ -134,6 +134,7 @@ def decode_candidates(
   backend: str = "auto",
   allow_partial: bool = False,
   span: tuple[float, float] | None = None,
+  frame_rate: float | None = None,
 ) -> Candidates:
   """Decodes n candidate frames spread uniformly over a video, or over a span of it, seeking
   to each.
@@ -149,6 +150,9 @@ def decode_candidates(
       stream), mark them invalid and warn instead of raising.
     span: (start_s, end_s): only the frames shown in [start_s, end_s) are candidates
       (a bounded question); None: the whole video. Timestamps stay the video's own.
+    frame_rate: when path is a folder of frames (image files, taken in the order of the
+      numbers in their names; some benchmarks ship videos so), the rate they were taken at,
+      frames per second; frame i is shown at i / frame_rate. Required for a folder.
 
   Raises:
     VideoError: missing file, not a video, no decodable frames, a span that holds no
@@ -169,7 +173,10 @@ def decode_candidates(
       )
     return first + candidate_frame_indices(end - first, n)
 
-  result = _decode(path, pick, size, n, backend)
+  if os.path.isdir(path):
+    result = _decode_frame_folder(path, pick, size, n, frame_rate)
+  else:
+    result = _decode(path, pick, size, n, backend)
   return _finish(path, n, size, result, allow_partial)
 
 
@@ -273,7 +280,7 @@ def _finish(path, n, size, decoded: _Decoded, allow_partial) -> Candidates:
 
   # A container cut short (e.g. an mkv) may still list fewer frames consistently,
   # and every candidate then decodes: only the header's duration gives it away.
-  declared = _declared_duration(path)
+  declared = None if os.path.isdir(path) else _declared_duration(path)
   if declared and declared - decoded.duration > max(1.0, 0.05 * declared):
     message = (
       f"{path}: its frames end at {decoded.duration:.2f}s but its header declares "
@@ -409,6 +416,54 @@ def _decode_pyav(path, pick, size, capacity) -> _Decoded:
       times[position] = frame.time - start_s
       got_indices[position] = last_taken = index
   return _Decoded(frames, times, got_indices, failed, duration, "pyav")
+
+
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def frame_folder_files(path: str) -> list[str]:
+  """The image files of a folder of frames, in frame order: by the numbers in their names
+  (frame_2 before frame_10), then by name."""
+  import re
+
+  names = [n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS)]
+  numbers = lambda name: [int(d) for d in re.findall(r"\d+", name)]
+  return [os.path.join(path, n) for n in sorted(names, key=lambda n: (numbers(n), n))]
+
+
+def _decode_frame_folder(path, pick, size, capacity, frame_rate) -> _Decoded:
+  """A folder of image files taken at frame_rate: the files `pick(total, fps)` names."""
+  from PIL import Image
+
+  if not frame_rate or frame_rate <= 0:
+    raise VideoError(
+      f"{path} is a folder of frames: pass frame_rate (frames per second they were taken at)"
+    )
+  files = frame_folder_files(path)
+  if not files:
+    raise VideoError(f"{path}: a folder with no image files ({', '.join(FRAME_EXTENSIONS)})")
+  indices = pick(len(files), float(frame_rate))
+  frames, failed = None, {}
+  for position, index in enumerate(indices.tolist()):
+    try:
+      with Image.open(files[index]) as image:
+        image = image.convert("RGB")
+        if size:
+          image = image.resize((size, size), Image.BILINEAR)
+        array = np.asarray(image)
+    except Exception as error:  # PIL: UnidentifiedImageError, OSError for truncated files
+      failed[position] = errors.one_line(error)
+      continue
+    if frames is None:
+      frames = np.zeros((capacity, *array.shape), np.uint8)
+    if array.shape != frames.shape[1:]:
+      failed[position] = f"{os.path.basename(files[index])}: not the first frame's size"
+      continue
+    frames[position] = array
+  if frames is None:
+    frames = np.zeros((capacity, size or 1, size or 1, 3), np.uint8)
+  times = indices.astype(np.float64) / frame_rate
+  return _Decoded(frames, times, indices, failed, len(files) / frame_rate, "frame folder")
 
 
 def _declared_duration(path):
