@@ -2,7 +2,7 @@
 per-process grain batching the trainer reads.
 
 A source is anything with `__len__` and `__getitem__(int) -> record` (grain's
-RandomAccessDataSource protocol): `InMemorySource`, `ArrayRecordSource`, `tfds_source(...)`.
+RandomAccessDataSource protocol): `InMemorySource`, `ArrayRecordSource`, `TfdsSource`.
 `make_example` turns a record (`frameselect_jax.records`) into fixed-shape arrays;
 `global_batches` makes the deterministic, resumable, per-process grain pipeline.
 """
@@ -104,11 +104,25 @@ def needle_source(
   return InMemorySource(out)
 
 
-def tfds_source(name: str, split: str, data_dir: str | None = None):
-  """The TFDS builder's array_record split, read without TensorFlow."""
-  import tensorflow_datasets as tfds
+class TfdsSource:
+  """A split of a TFDS dataset in array_record form (data/build.py writes them), read with
+  `tfds.data_source`: no TensorFlow, random access, records as `frameselect_jax.records`
+  has them."""
 
-  return tfds.data_source(name, split=split, data_dir=data_dir or None)
+  def __init__(self, name: str, split: str, data_dir: str | None = None):
+    import tensorflow_datasets as tfds
+
+    self.name, self.split = name, split
+    self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    return records.from_tfds(self.source[index])
+
+  def __repr__(self):
+    return f"TfdsSource({self.name}, {self.split}: {len(self)} records)"
 
 
 # --- Record -> fixed-shape arrays ---
@@ -165,7 +179,8 @@ def make_example(
   question_ids/mask: the selector prompt, right-padded. text_ids/mask: instruction prompt,
   answer and eos, right-padded; answer_mask marks the answer and eos tokens (the targets of
   the instruction loss). With `visual_lookup` (record -> tokens), the cached pooled tokens of
-  the record's candidates replace the frames.
+  the record's candidates replace the frames; so do the tokens a record carries itself
+  (`visual_tokens`).
   """
   records.check_record(record, spec.num_candidates)
   valid = np.asarray(record["valid"], bool)
@@ -203,14 +218,14 @@ def make_example(
     "answer_mask": answer_mask,
     "weight": np.float32(1.0),
   }
-  shapes = spec.shapes(cached=visual_lookup is not None)
-  if visual_lookup is not None:
-    visual = visual_lookup(record)
-    shape, dtype = shapes["visual"]
+  tokens = record.get("visual_tokens")
+  if visual_lookup is not None or tokens is not None:
+    visual = np.asarray(tokens) if tokens is not None else visual_lookup(record)
+    shape, dtype = spec.shapes(cached=True)["visual"]
     if visual.shape != shape:
       raise ValueError(
         f"cached visual tokens of {record['video_id']!r} have shape {visual.shape}, "
-        f"expected {shape}: the cache was built for another model config"
+        f"expected {shape}: they were made for another model config"
       )
     example["visual"] = np.asarray(visual).astype(dtype)
   else:

@@ -5,6 +5,9 @@ One record is one video-question pair:
   video       JPEG bytes of each of the n candidate frames (list of bytes), or absent when
               `frames` holds them already decoded
   frames      uint8[n, H, W, 3], optional: decoded candidates
+  visual_tokens  float[n, tokens per frame, vision width], optional: the candidates' pooled
+              visual tokens instead of their pixels, with `visual_tower` (str), the
+              fingerprint of the tower that made them (`visual_cache.tower_fingerprint`)
   timestamps  float32[n] seconds
   valid       bool[n]; False marks padding frames of short videos
   question    str, not empty
@@ -12,6 +15,7 @@ One record is one video-question pair:
   answer      str
   labels      float32[n] in [0, 1]: the combined pseudo-label (mean of the two below)
   spatial     float32[n], temporal float32[n]: optional, when known
+  qid, benchmark  str, optional: the question's id in its benchmark (`videoqa.Item`)
 
 Records are stored as msgpack bytes in array_record files (the format TFDS uses) and read
 through the sources of `frameselect_jax.input_pipeline`.
@@ -39,8 +43,8 @@ ARRAY_FIELDS = {
 def check_record(record: dict, num_candidates: int) -> dict:
   """Raises a clear error when a record does not follow the schema above."""
   missing = [f for f in REQUIRED_FIELDS if f not in record]
-  if "frames" not in record and "video" not in record:
-    missing.append("video (or frames)")
+  if not any(f in record for f in ("frames", "video", "visual_tokens")):
+    missing.append("video (or frames, or visual_tokens)")
   if missing:
     raise ValueError(f"record {record.get('video_id', '?')!r} lacks fields {missing}")
   for name in ARRAY_FIELDS:
@@ -87,6 +91,24 @@ def write_array_record(path: str, records: Sequence[dict]) -> str:
     writer.write(serialize_record(record))
   writer.close()
   return path
+
+
+TEXT_FIELDS = ("video_id", "qid", "benchmark", "question", "answer", "visual_tower")
+
+
+def from_tfds(example: dict) -> dict:
+  """A record as `tfds.data_source` returns it (text as bytes) -> the schema above."""
+  record = dict(example)
+  for name in TEXT_FIELDS:
+    if isinstance(record.get(name), bytes):
+      record[name] = record[name].decode("utf-8")
+  if "options" in record:
+    record["options"] = [
+      o.decode("utf-8") if isinstance(o, bytes) else o for o in record["options"]
+    ]
+  if "video" in record:
+    record["video"] = list(record["video"])
+  return record
 
 
 # --- Frames as JPEG bytes ---

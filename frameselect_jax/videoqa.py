@@ -793,8 +793,8 @@ def load(
   benchmark: str, root: str, split: str | None = None, videos_dir: str | None = None
 ) -> Items:
   """The items of one split of a benchmark (see BENCHMARKS and SPLITS; split None takes the
-  benchmark's first split, the one results are reported on, or 'test'). Raises AnnotationError for an unknown benchmark or
-  split, a missing or malformed file."""
+  benchmark's first split, the one results are reported on, or 'test'). Raises
+  AnnotationError for an unknown benchmark or split, a missing or malformed file."""
   if benchmark not in LOADERS:
     raise AnnotationError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
   splits = SPLITS[benchmark]

@@ -6,7 +6,7 @@ contents, never names, so a dataset rebuilt at the same path with new videos is 
 and an unchanged one is reused wherever it lives:
 
 - the directory is named by a fingerprint of the tower (its weights' identity, pooling
-  grid, compute dtypes and input image size): `trainer.cache_directory`;
+  grid, compute dtypes and input image size): `tower_fingerprint`;
 - each file is named by `content_key(record, image_size)`: a hash of the candidates' pixels
   as the record stores them (the JPEG bytes, or the decoded array), their timestamps and
   validity, n and the image size they are resized to. Two questions about one video file
@@ -50,6 +50,22 @@ def arrays_fingerprint(tree) -> str:
     digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
   return digest.hexdigest()[:16]
+
+
+def tower_fingerprint(model, selector_cfg, seed: int, trained_tower=None) -> str:
+  """What decides the pooled tokens apart from the candidates: the tower's sizes and input
+  size, pooling grid, dtypes, and its weights' identity (the Hugging Face files of
+  model.vision_dir, else the seed of the random init; or a hash of a tower stage 1 trained).
+  Names the trainer's cache directory, and a dataset built with visual tokens."""
+  return fingerprint(
+    vision=str(selector_cfg.vision),
+    pool_grid=selector_cfg.pool_grid,
+    dtype=model.dtype,
+    frozen_dtype=model.frozen_dtype,
+    vision_files=directory_identity(model.vision_dir),
+    seed=None if model.vision_dir else seed,
+    trained_tower=None if trained_tower is None else arrays_fingerprint(trained_tower),
+  )
 
 
 def directory_identity(directory: str) -> list:

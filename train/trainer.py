@@ -279,7 +279,7 @@ def _what_is_there(pattern):
 
 def open_tfds(name, split, data_dir):
   try:
-    return input_pipeline.tfds_source(name, split, data_dir)
+    return input_pipeline.TfdsSource(name, split, data_dir)
   except Exception as e:  # tfds raises its own types for unknown names, splits, folders
     raise ConfigError(
       f"data.tfds_name={name!r} split {split!r}"
@@ -391,11 +391,12 @@ def fill_visual_cache(
 ):
   """Encodes the candidates of every record this process will read that the cache lacks, once
   per distinct content key, with the frozen tower on the local devices (each process computes
-  only what it needs; writes are atomic). Returns (cache, encoded, reused, keys): keys[j] maps
-  each record index of sources[j] that was hashed to its content key."""
+  only what it needs; writes are atomic). A source that is None (its records carry their
+  tokens) is skipped. Returns (cache, encoded, reused, keys): keys[j] maps each record index
+  of sources[j] that was hashed to its content key."""
   cache = visual_cache.VisualTokenCache(cache_dir)
   train_source, eval_source = sources
-  wanted = [(0, i) for i in sorted(set(train_indices))]
+  wanted = [(0, i) for i in sorted(set(train_indices))] if train_source is not None else []
   if eval_source is not None:
     wanted += [(1, i) for i in range(len(eval_source))]
   ids, reused, keys = {}, set(), ({}, {})
@@ -459,6 +460,22 @@ def fill_visual_cache(
   return cache, encoded, len(reused), keys
 
 
+def check_carried_tokens(sources, tower: str) -> tuple[bool, bool]:
+  """Which sources' records carry their own visual tokens (a dataset built with them); those
+  must come from this run's tower (fingerprint `tower`), else ConfigError."""
+  carrying = []
+  for name, source in zip(("training", "held-out"), sources):
+    record = source[0] if source is not None else {}
+    carrying.append("visual_tokens" in record)
+    if carrying[-1] and record.get("visual_tower") != tower:
+      raise ConfigError(
+        f"the {name} split's visual tokens were made by the tower {record.get('visual_tower')!r}, "
+        f"not this config's ({tower}): rebuild the dataset with this model config, or store "
+        f"JPEG frames"
+      )
+  return tuple(carrying)
+
+
 class WithVisualKeys:
   """A source whose records carry `visual_key`, their content key, hashed once when the cache
   was filled: the data path looks tokens up without hashing the frames again."""
@@ -481,18 +498,7 @@ class WithVisualKeys:
 def cache_directory(config, selector_cfg, workdir, inherited_tower=None):
   """<cache_dir>/<fingerprint of the tower>: everything that decides the tokens apart from the
   candidates themselves, which key the files (visual_cache.content_key)."""
-  key = visual_cache.fingerprint(
-    vision=str(selector_cfg.vision),  # sizes and the input image size
-    pool_grid=selector_cfg.pool_grid,
-    dtype=config.model.dtype,
-    frozen_dtype=config.model.frozen_dtype,
-    vision_files=visual_cache.directory_identity(config.model.vision_dir),
-    seed=None if config.model.vision_dir else config.seed,
-    # A tower that stage 1 trained: its weights decide the tokens.
-    trained_tower=None
-    if inherited_tower is None
-    else visual_cache.arrays_fingerprint(inherited_tower),
-  )
+  key = visual_cache.tower_fingerprint(config.model, selector_cfg, config.seed, inherited_tower)
   return os.path.join(cache_base(config, workdir), key)
 
 
@@ -532,6 +538,13 @@ def run(config, workdir: str | None = None) -> dict:
       vocab_size=selector_cfg.llm.vocab_size,
     ),
   )
+  if not cached and any(
+    s is not None and "visual_tokens" in s[0] for s in (train_source, eval_source)
+  ):
+    raise ConfigError(
+      "the records carry visual tokens instead of frames, so the tower cannot run on them: "
+      "set data.cache_visual_tokens=True (and leave vision_tower out of train.trainable)"
+    )
   global_batch = config.data.global_batch_size
   steps_per_epoch = len(train_source) // global_batch
   if steps_per_epoch < 1:
@@ -575,6 +588,7 @@ def run(config, workdir: str | None = None) -> dict:
       int(i) for s in range(min(total_steps, len(index_batches))) for i in index_batches[s]
     ]
     cache_dir = cache_directory(config, selector_cfg, workdir, inherited.get("vision_tower"))
+    carrying = check_carried_tokens((train_source, eval_source), os.path.basename(cache_dir))
     cache, encoded, reused, keys = fill_visual_cache(
       config,
       selector_cfg,
@@ -582,7 +596,7 @@ def run(config, workdir: str | None = None) -> dict:
       params,
       frozen,
       train_indices,
-      (train_source, eval_source),
+      tuple(None if c else s for s, c in zip((train_source, eval_source), carrying)),
       cache_dir,
       spec,
     )
@@ -593,8 +607,9 @@ def run(config, workdir: str | None = None) -> dict:
     )
     frozen = {k: v for k, v in frozen.items() if k != "vision_tower"}
     frozen_shardings = {k: v for k, v in frozen_shardings.items() if k != "vision_tower"}
-    train_source = WithVisualKeys(train_source, keys[0], spec.image_size)
-    if eval_source is not None:
+    if not carrying[0]:
+      train_source = WithVisualKeys(train_source, keys[0], spec.image_size)
+    if eval_source is not None and not carrying[1]:
       eval_source = WithVisualKeys(eval_source, keys[1], spec.image_size)
     transform_kw["visual_lookup"] = lambda record: cache.get(record["visual_key"])
   transform = functools.partial(input_pipeline.make_example, **transform_kw)
