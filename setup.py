@@ -22,6 +22,7 @@ CORE = [
   "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow (train/metrics.py)
   "matplotlib==3.11.2",
   "pillow==13.0.0",  # thumbnails and JPEG frames in records
+  "pyarrow==26.0.1",  # Video-MME's annotation file is parquet (frameselect_jax/videoqa.py)
 ]
 EXTRAS = {
   # PyTorch reference outputs in tests and the PyTorch backends (CPU build).

@@ -46,6 +46,7 @@ from frameselect_jax import (
 )
 
 STORES = ("jpeg", "visual_tokens")
+LABEL_FIELDS = ("labels", "spatial", "temporal")
 SKIP_LISTED = 20  # skipped items printed one by one; the rest are counted (all are in the report)
 
 
@@ -230,7 +231,13 @@ def build_shard(items, config, selector_cfg, labels, encoder, paths) -> dict:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  report = {"records": len(out), "skipped": skipped, "qids": [item.qid for item in items]}
+  fields = [f for f in LABEL_FIELDS if out and all(f in r for r in out)]
+  report = {
+    "records": len(out),
+    "skipped": skipped,
+    "qids": [item.qid for item in items],
+    "label_fields": fields if out else None,  # None: no record to say
+  }
   errors.write_atomically(report_path, json.dumps(report))
   return report
 
@@ -247,7 +254,8 @@ def load_items(config) -> dict:
 
 
 def write_work_shards(config, selector_cfg, work_dir, items_of, labels) -> dict:
-  """Step 1 for every split; returns {split: {"records", "skipped": [...], "shards"}}."""
+  """Step 1 for every split; returns ({split: {"records", "skipped": [...], "shards",
+  "label_fields"}}, a fingerprint of the shards' contents)."""
   from tqdm import tqdm
 
   b = config.build
@@ -266,7 +274,7 @@ def write_work_shards(config, selector_cfg, work_dir, items_of, labels) -> dict:
     manifest = {"fingerprint": fingerprint, "settings": b.to_dict()}
     errors.write_atomically(manifest_path, json.dumps(manifest, indent=1))
   encoder = tower_encoder(config, selector_cfg) if b.store == "visual_tokens" else None
-  summary = {}
+  summary, contents = {}, []
   for split in b.splits:
     items = items_of[split]
     problems = {}
@@ -276,7 +284,7 @@ def write_work_shards(config, selector_cfg, work_dir, items_of, labels) -> dict:
     skipped = [{"qid": q, "reason": "; ".join(r)} for q, r in problems.items()]
     ordered = order_by_video(usable)
     shards = [ordered[i : i + b.shard_size] for i in range(0, len(ordered), b.shard_size)]
-    written = 0
+    written, fields = 0, list(LABEL_FIELDS)
     bar = tqdm(total=len(ordered), desc=f"{split} records", disable=not b.progress, unit="item")
     for index, shard in enumerate(shards):
       paths = shard_paths(work_dir, split, index)
@@ -290,6 +298,9 @@ def write_work_shards(config, selector_cfg, work_dir, items_of, labels) -> dict:
         report = build_shard(shard, config, selector_cfg, labels, encoder, paths)
       written += report["records"]
       skipped += report["skipped"]
+      if report["label_fields"] is not None:
+        fields = [f for f in fields if f in report["label_fields"]]
+      contents.append([split, index, report["qids"], report["records"]])
       bar.update(len(shard))
       bar.set_postfix(written=written, skipped=len(skipped))
     bar.close()
@@ -300,9 +311,15 @@ def write_work_shards(config, selector_cfg, work_dir, items_of, labels) -> dict:
       for path in stale:
         if os.path.exists(path):
           os.remove(path)
-    summary[split] = {"records": written, "skipped": skipped, "shards": len(shards)}
+    summary[split] = {
+      "records": written,
+      "skipped": skipped,
+      "shards": len(shards),
+      "label_fields": fields,
+    }
   errors.write_atomically(os.path.join(work_dir, "report.json"), json.dumps(summary, indent=1))
-  return summary
+  # Names what the shards hold: a TFDS dataset generated from other contents is regenerated.
+  return summary, visual_cache.fingerprint(settings=fingerprint, contents=contents)
 
 
 # --- Step 2: the TFDS dataset ---
@@ -372,24 +389,6 @@ class FrameselectRecords(tfds.core.GeneratorBasedBuilder):
       reader.close()
 
 
-def label_fields(summary_dir: str, splits) -> tuple:
-  """The label fields every record of the work shards has (spatial/temporal when known)."""
-  from array_record.python.array_record_module import ArrayRecordReader
-
-  common = None
-  for split in splits:
-    folder = os.path.join(summary_dir, split)
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-      if name.endswith(".array_record"):
-        reader = ArrayRecordReader(os.path.join(folder, name))
-        for data in reader.read_all():
-          record = records.deserialize_record(data)
-          have = {f for f in ("labels", "spatial", "temporal") if f in record}
-          common = have if common is None else common & have
-        reader.close()
-  return tuple(f for f in ("labels", "spatial", "temporal") if f in (common or {"labels"}))
-
-
 def build(config) -> dict:
   """Both steps; returns {"dataset", "data_dir", "splits": {split: counts}}."""
   b = config.build
@@ -425,18 +424,21 @@ def build(config) -> dict:
       synthetic.write_needle_benchmark(b.root, counts, settings, progress=b.progress)
     except ValueError as e:  # a folder holding a needle benchmark with other settings
       raise BuildError(f"build.root: {e}") from None
-  summary = write_work_shards(config, selector_cfg, work_dir, load_items(config), labels)
+  summary, contents = write_work_shards(config, selector_cfg, work_dir, load_items(config), labels)
   builder = FrameselectRecords(
     data_dir=data_dir,
     config=RecordsConfig(
       name=b.name,
-      description=f"{b.benchmark} ({', '.join(b.splits)}), candidates as {b.store}",
+      description=f"{b.benchmark} ({', '.join(b.splits)}), candidates as {b.store}; "
+      f"work shards {contents}",
       work_dir=work_dir,
       splits=tuple(b.splits),
       num_candidates=selector_cfg.num_candidates,
       store=b.store,
       tokens_shape=(selector_cfg.tokens_per_frame, selector_cfg.vision.hidden_size),
-      label_fields=label_fields(work_dir, b.splits),
+      label_fields=tuple(
+        f for f in LABEL_FIELDS if all(f in summary[s]["label_fields"] for s in b.splits)
+      ),
     ),
     file_format="array_record",
   )
@@ -446,10 +448,24 @@ def build(config) -> dict:
       f"split {empty[0]} has no records: every item was skipped "
       f"(reasons in {os.path.join(work_dir, 'report.json')})"
     )
+  stale_since_built(builder)
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(verify_ssl=False, try_download_gcs=False)
   )
   return {"dataset": f"frameselect_records/{b.name}", "data_dir": data_dir, "splits": summary}
+
+
+def stale_since_built(builder) -> None:
+  """Removes a generated dataset of this name whose work shards have changed since (TFDS would
+  reuse it as it is)."""
+  import shutil
+
+  info = os.path.join(builder.data_dir, "dataset_info.json")
+  if os.path.exists(info):
+    with open(info) as f:
+      built_from = json.load(f).get("configDescription")
+    if built_from != builder.builder_config.description:
+      shutil.rmtree(builder.data_dir)
 
 
 NEEDLE_FIELDS = {f.name for f in dataclasses.fields(synthetic.NeedleSettings)}

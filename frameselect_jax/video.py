@@ -435,13 +435,16 @@ def _decode_frame_folder(path, pick, size, capacity, frame_rate) -> _Decoded:
   """A folder of image files taken at frame_rate: the files `pick(total, fps)` names."""
   from PIL import Image
 
+  files = frame_folder_files(path)
+  if not files:
+    raise VideoError(
+      f"{path}: not a regular file, nor a folder of frames (no {'/'.join(FRAME_EXTENSIONS)} "
+      f"files in it)"
+    )
   if not frame_rate or frame_rate <= 0:
     raise VideoError(
       f"{path} is a folder of frames: pass frame_rate (frames per second they were taken at)"
     )
-  files = frame_folder_files(path)
-  if not files:
-    raise VideoError(f"{path}: a folder with no image files ({', '.join(FRAME_EXTENSIONS)})")
   indices = pick(len(files), float(frame_rate))
   frames, failed = None, {}
   for position, index in enumerate(indices.tolist()):

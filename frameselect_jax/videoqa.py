@@ -804,7 +804,8 @@ def load(
     raise AnnotationError(f"{benchmark} has splits {', '.join(splits)}; got {split!r}")
   root = os.fspath(root)
   if not os.path.exists(root):
-    raise AnnotationError(f"{root}: no such {benchmark} folder")
+    what = "folder, or .jsonl file" if benchmark == "jsonl" else "folder"
+    raise AnnotationError(f"{root}: does not exist (the {benchmark} {what})")
   if videos_dir is not None and not os.path.isdir(videos_dir):
     raise AnnotationError(f"videos_dir {videos_dir}: no such folder")
   return LOADERS[benchmark](root, split, videos_dir)

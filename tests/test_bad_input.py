@@ -23,6 +23,20 @@ STAGE2 = [
 ]
 COMPILE = [sys.executable, "-m", "train.compile", "--config=configs/stage1.py:tiny"]
 SELECT = [sys.executable, "-m", "frameselect_jax.cli", "select"]
+BUILD = [sys.executable, "-m", "data.build", "--config=configs/build.py:tiny,benchmark=jsonl"]
+
+
+def build_argv(i, o, *changes):
+  """data.build over the inputs' generic items, writing under the fresh output folder."""
+  return [
+    *BUILD,
+    f"--config.build.root={i}/items.jsonl",
+    f"--config.build.labels={i}/labels.jsonl",
+    f"--config.build.data_dir={o}/tfds",
+    *changes,
+  ]
+
+
 SMALL_RUN = (
   "--config.train.num_steps=2",
   "--config.data.global_batch_size=4",
@@ -54,6 +68,11 @@ def inputs(tmp_path_factory):
   synthetic.needle_video(root / "clip.mp4", num_frames=24, fps=8, size=64, seed=0)
   (root / "a_folder.mp4").mkdir()
   (root / "not_a_folder").write_text("a file where a workdir should go")
+  (root / "items.jsonl").write_text('{"qid": "1", "video": "clip.mp4", "question": "Where?"}\n')
+  (root / "labels.jsonl").write_text('{"qid": "1", "labels": [0.5]}\n')
+  (root / "bad_items.jsonl").write_text('{"qid": "1", "video": "clip.mp4"}\n')
+  (root / "other_work").mkdir()
+  (root / "other_work" / "manifest.json").write_text('{"fingerprint": "another build"}')
   return root
 
 
@@ -192,6 +211,37 @@ def _cases():
       "damaged checkpoint",
       lambda i, o: [*SELECT, f"{i}/clip.mp4", "Where?", f"--checkpoint={i}/damaged_arrays"],
       "cannot read its arrays",
+    ),
+    # python -m data.build
+    (
+      "unknown benchmark",
+      lambda i, o: build_argv(i, o, "--config.build.benchmark=nextqq"),
+      "build.benchmark='nextqq'; known: nextqa",
+    ),
+    (
+      "no annotation file",
+      lambda i, o: build_argv(i, o, f"--config.build.root={i}/nothing.jsonl"),
+      "nothing.jsonl: does not exist",
+    ),
+    (
+      "an item without its question",
+      lambda i, o: build_argv(i, o, f"--config.build.root={i}/bad_items.jsonl"),
+      "bad_items.jsonl: line 1: field 'question' is missing",
+    ),
+    (
+      "no label file",
+      lambda i, o: build_argv(i, o, f"--config.build.labels={i}/nothing.jsonl"),
+      "build.labels=",
+    ),
+    (
+      "unknown store",
+      lambda i, o: build_argv(i, o, "--config.build.store=png"),
+      "build.store='png'; choose one of ('jpeg', 'visual_tokens')",
+    ),
+    (
+      "work dir of another build",
+      lambda i, o: build_argv(i, o, f"--config.build.work_dir={i}/other_work"),
+      "other_work holds work shards built with other settings",
     ),
   ]
 

@@ -205,3 +205,42 @@ def test_a_training_run_reads_the_dataset_jpeg_and_visual_tokens(built, tmp_path
   )
   assert other.returncode == 2
   assert "visual tokens were made by the tower" in other.stderr.splitlines()[-1]
+
+
+def test_a_split_with_every_item_skipped_is_an_error_naming_the_report(tmp_path):
+  (tmp_path / "train.jsonl").write_text('{"qid": "1", "video": "gone.mp4", "question": "Q?"}\n')
+  (tmp_path / "labels.jsonl").write_text('{"qid": "1", "labels": [0.5]}\n')
+  config = tiny_config(
+    tmp_path,
+    benchmark="jsonl",
+    root=str(tmp_path),
+    splits=("train",),
+    labels=str(tmp_path / "labels.jsonl"),
+    generate_needle=False,
+  )
+  with pytest.raises(build.BuildError, match=r"split train has no records: .*report\.json"):
+    build.build(config)
+
+
+def test_items_added_later_reach_the_dataset(tmp_path):
+  synthetic.needle_video(tmp_path / "clip.mp4", num_frames=24, fps=8, size=32, seed=0)
+  line = lambda q: (
+    json.dumps({"qid": q, "video": "clip.mp4", "question": f"{q}?", "answer": q}) + "\n"
+  )
+  labels = "".join(json.dumps({"qid": q, "labels": [0.25] * N}) + "\n" for q in "abc")
+  (tmp_path / "labels.jsonl").write_text(labels)
+  (tmp_path / "train.jsonl").write_text(line("a"))
+  config = tiny_config(
+    tmp_path,
+    benchmark="jsonl",
+    root=str(tmp_path),
+    splits=("train",),
+    labels=str(tmp_path / "labels.jsonl"),
+    generate_needle=False,
+  )
+  first = build.build(config)
+  assert len(input_pipeline.TfdsSource(first["dataset"], "train", first["data_dir"])) == 1
+  (tmp_path / "train.jsonl").write_text(line("a") + line("b") + line("c"))
+  again = build.build(config)
+  source = input_pipeline.TfdsSource(again["dataset"], "train", again["data_dir"])
+  assert sorted(source[i]["qid"] for i in range(len(source))) == ["a", "b", "c"]
