@@ -23,6 +23,7 @@ CORE = [
   "matplotlib==3.11.2",
   "pillow==13.0.0",  # thumbnails and JPEG frames in records
   "pyarrow==26.0.1",  # Video-MME's annotation file is parquet (frameselect_jax/videoqa.py)
+  "openai==3.57.0",  # the OpenAI-compatible backend (frameselect_jax/mllm.py): vLLM, SGLang, ...
 ]
 EXTRAS = {
   # PyTorch reference outputs in tests and the PyTorch backends (CPU build).
@@ -30,10 +31,23 @@ EXTRAS = {
   # TPU runtime: ahead-of-time compilation for TPU topologies from a CPU host.
   # libtpu 0.0.42.1 is the build jax[tpu]==0.10.2 resolves to (it requires libtpu==0.0.42.*).
   "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
-  # libtpu here too: the AOT-compile tests (tests/test_train_compile.py) need it, no TPU.
   # The formatter and linter (`make lint`, configured in .ruff.toml).
   "lint": ["ruff==0.17.6"],
-  "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15", "libtpu==0.0.42.1"],
+  "test": [
+    "pytest==9.2.0",
+    "pytest-xdist==3.8.0",
+    "hypothesis==6.170.15",
+    # libtpu here too: the AOT-compile tests (tests/test_train_compile.py) need it, no TPU.
+    "libtpu==0.0.42.1",
+    # `transformers serve` (the real OpenAI-compatible server the backend is tested against):
+    # transformers' "serving" extra, pinned.
+    "fastapi==0.165.0",
+    "uvicorn==0.54.0",
+    "starlette==1.10.0",
+    "pydantic==2.14.4",
+    "rich==15.0.0",
+    "accelerate==1.15.0",
+  ],
 }
 
 setup(

@@ -485,10 +485,6 @@ def print_report(result: dict) -> None:
   )
 
 
-config_flags.DEFINE_config_file("config", None, "Build config (configs/build.py[:arg]).")
-flags.mark_flags_as_required(["config"])
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)  # tfds logs every step, and its custom-config notice
@@ -500,5 +496,12 @@ def main(argv):
   sys.stdout.flush()
 
 
+def define_flags():
+  """Defined only when the command runs (data.build and data.label both have --config)."""
+  config_flags.DEFINE_config_file("config", None, "Build config (configs/build.py[:arg]).")
+  flags.mark_flags_as_required(["config"])
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=errors.parse_flags)
