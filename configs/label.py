@@ -7,7 +7,8 @@
   python -m data.label --config=configs/label.py:oracle          # the needle benchmark's truth
   python -m data.label merge --inputs=a.jsonl,b.jsonl --output=labels.jsonl
 
-The API key comes from label.openai.api_key or $OPENAI_API_KEY; it is never written anywhere.
+The server comes from label.openai.base_url / model, or $OPENAI_BASE_URL / $OPENAI_MODEL; the
+API key from label.openai.api_key or $OPENAI_API_KEY, and it is never written anywhere.
 """
 
 import ml_collections

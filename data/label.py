@@ -82,14 +82,21 @@ def hold_lock(path: str):
 # --- Backends and labellers from the config ---
 
 
-def make_backend(server, fallback=None):
-  if not server.base_url and fallback is not None:
+def make_backend(server, fallback=None, environment=False):
+  """The OpenAI-compatible backend of a server section; the multimodal LLM's (environment
+  True) falls back to $OPENAI_BASE_URL and $OPENAI_MODEL, the text LLM's to the former."""
+  base_url = server.base_url or (os.environ.get("OPENAI_BASE_URL", "") if environment else "")
+  model = server.model or (os.environ.get("OPENAI_MODEL", "") if environment else "")
+  if not base_url and fallback is not None:
     return fallback
-  if not server.base_url or not server.model:
-    raise LabelConfigError("label.openai needs base_url and model (the multimodal LLM's server)")
+  if not base_url or not model:
+    raise LabelConfigError(
+      "label.openai needs base_url and model (the multimodal LLM's server; or set "
+      "$OPENAI_BASE_URL and $OPENAI_MODEL)"
+    )
   return mllm.OpenAIBackend(
-    server.base_url,
-    server.model,
+    base_url,
+    model,
     server.api_key or None,
     timeout_s=server.timeout_s,
     retries=server.retries,
@@ -110,7 +117,7 @@ def make_labelers(config, caption_cache_path):
   if c.backend not in BACKENDS:
     raise LabelConfigError(f"label.backend={c.backend!r}; choose one of {BACKENDS}")
   if c.backend == "openai":
-    vlm = make_backend(c.openai)
+    vlm = make_backend(c.openai, environment=True)
   else:
     t = c.transformers
     vlm = mllm.TransformersBackend(

@@ -99,7 +99,7 @@ def parse_flags(argv):
 
   try:
     remaining = flags.FLAGS(argv)
-    if "config" in flags.FLAGS:
+    if "config" in flags.FLAGS and flags.FLAGS.config is not None:
       flags.FLAGS.config.keys()  # ml_collections loads the file lazily: fail here, not later
     return remaining
   except OSError as error:  # the config file cannot be found or read

@@ -26,6 +26,20 @@ SELECT = [sys.executable, "-m", "frameselect_jax.cli", "select"]
 BUILD = [sys.executable, "-m", "data.build", "--config=configs/build.py:tiny,benchmark=jsonl"]
 
 
+LABEL = [sys.executable, "-m", "data.label"]
+
+
+def label_argv(i, o, *changes):
+  """data.label over the inputs' generic items, writing under the fresh output folder."""
+  return [
+    *LABEL,
+    "--config=configs/label.py:benchmark=jsonl",
+    f"--config.label.root={i}/items.jsonl",
+    f"--config.label.output={o}/labels/labels.jsonl",
+    *changes,
+  ]
+
+
 def build_argv(i, o, *changes):
   """data.build over the inputs' generic items, writing under the fresh output folder."""
   return [
@@ -242,6 +256,28 @@ def _cases():
       "work dir of another build",
       lambda i, o: build_argv(i, o, f"--config.build.work_dir={i}/other_work"),
       "other_work holds work shards built with other settings",
+    ),
+    # python -m data.label
+    (
+      "unknown label kind",
+      lambda i, o: label_argv(i, o, "--config.label.kinds=visual"),
+      "label.kinds='visual'; choose one of",
+    ),
+    (
+      "no server for the labels",
+      lambda i, o: label_argv(i, o),
+      "label.openai needs base_url and model",
+    ),
+    ("a shard that is not one", lambda i, o: label_argv(i, o, "--shard=3/2"), "--shard='3/2'"),
+    (
+      "no items to label",
+      lambda i, o: label_argv(i, o, f"--config.label.root={i}/nothing"),
+      "nothing: does not exist",
+    ),
+    (
+      "merge of a missing shard",
+      lambda i, o: [*LABEL, "merge", f"--inputs={i}/nothing.jsonl", f"--output={o}/m.jsonl"],
+      "nothing.jsonl: no such file",
     ),
   ]
 

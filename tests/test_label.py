@@ -94,6 +94,18 @@ def test_retries_end_in_a_backend_error_naming_the_server():
   assert url in str(caught.value) and client.retried == 2 and SECRET not in str(caught.value)
 
 
+def test_a_server_that_is_not_there_is_retried_then_reported():
+  import socket
+
+  with socket.socket() as probe:  # a port nothing listens on
+    probe.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+  client = backend(url, retries=1)
+  with pytest.raises(mllm.BackendError, match="after 1 retries"):
+    client.chat([{"role": "user", "content": "hi"}])
+  assert client.retried == 1
+
+
 def test_the_text_llm_is_asked_again_once_then_the_item_fails():
   answers = iter(["[42]", "Frames 1-2."])
   fake = FakeServer(text_answer=lambda prompt: next(answers))
@@ -327,3 +339,14 @@ def test_too_many_failures_exit_non_zero(needle, tmp_path):
   failures = read_lines(tmp_path / "labels.failures.jsonl")
   assert len(failures) == 8 and "asked twice" in failures[0]["reason"]
   assert output.read_text() == ""
+
+
+def test_an_item_over_the_time_limit_fails_with_that_reason(needle, tmp_path):
+  config = runner_config(needle, tmp_path / "labels.jsonl", kinds="spatial")
+  config.label.time_limit_s = 0.3
+  config.label.openai.concurrency = 1
+  with serve(FakeServer(delay_s=0.1)) as url:
+    config.label.openai.base_url = url
+    summary = label.run(config)
+  assert summary["done"] == 0 and len(summary["failed"]) == 8
+  assert {f["reason"] for f in summary["failed"]} == {"over the time limit"}

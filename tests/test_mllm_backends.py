@@ -67,6 +67,14 @@ def test_local_reasoning_captions_and_chat_run(qwen2vl):
   )
   scores = thinking.true_probabilities(frames(3), PROMPT)
   assert len(scores) == 3 and all(0 <= s <= 1 for s in scores)
+  # The spatial labeller over a video's candidates: a score per valid one, 0 on padding.
+  n = 4
+  valid = np.array([True, True, True, False])
+  stack = np.stack(frames(n))
+  candidates = video.Candidates(stack, np.arange(n) * 1.0, valid, np.arange(n), "", 3.0)
+  item = videoqa.Item(benchmark="b", qid="q", video="v.mp4", question="Is there a person?")
+  spatial = labelers.SpatialLabeler(backend)(item, candidates)["spatial"]
+  assert spatial[3] == 0 and np.all((spatial[:3] > 0) & (spatial[:3] < 1))
   captions = backend.describe(frames(2), "Describe the picture.", max_tokens=4)
   assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
   assert isinstance(backend.chat([{"role": "user", "content": "Describe"}], max_tokens=4), str)
