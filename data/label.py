@@ -45,16 +45,6 @@ class LabelConfigError(errors.InputError):
   pass
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-  try:
-    i, n = (int(v) for v in text.split("/"))
-  except ValueError:
-    raise LabelConfigError(f"--shard={text!r}: expected i/N, e.g. 0/4") from None
-  if not (n >= 1 and 0 <= i < n):
-    raise LabelConfigError(f"--shard={text!r}: need 0 <= i < N")
-  return i, n
-
-
 def output_path(config, shard) -> str:
   c = config.label
   path = c.output or os.path.join("labels", f"{c.benchmark}-{c.split or 'default'}.jsonl")
@@ -336,7 +326,7 @@ def main(argv):
   if flags.FLAGS.config is None:
     errors.exit_with("--config is required (configs/label.py[:arg])")
   try:
-    summary = run(flags.FLAGS.config, parse_shard(flags.FLAGS.shard))
+    summary = run(flags.FLAGS.config, errors.parse_shard(flags.FLAGS.shard))
   except errors.InputError as e:
     errors.exit_with(str(e))
   print_summary(summary)

@@ -338,12 +338,14 @@ class FrameSelector:
     """Forgets every cached video (the next question about each re-encodes it)."""
     self._cache.clear()
 
-  def visual_tokens(self, path: str, n: int | None = None, span=None) -> VideoTokens:
+  def visual_tokens(
+    self, path: str, n: int | None = None, span=None, frame_rate: float | None = None
+  ) -> VideoTokens:
     """Decoded, encoded and pooled candidates of a video (of the frames shown in span =
     (start_s, end_s), when given), from the cache when they were computed from the same
     candidates: the same file unchanged (path, mtime and size), n, span, image size and
     decoder. The model's weights never change under a FrameSelector, so they are not in the
-    key."""
+    key. frame_rate: for a folder of frames (`video.decode_candidates`)."""
     n = self._check_n(n)
     span = video.check_span(span)
     path = os.path.abspath(os.fspath(path))
@@ -351,12 +353,12 @@ class FrameSelector:
       stat = os.stat(path)
     except FileNotFoundError:
       raise video.VideoError(f"{path}: no such file") from None
-    key = (path, stat.st_mtime_ns, stat.st_size, n, span, self.image_size, self.backend)
+    key = (path, stat.st_mtime_ns, stat.st_size, n, span, frame_rate, self.image_size, self.backend)
     if key in self._cache:
       self._cache.move_to_end(key)
       return self._cache[key]
     candidates = video.decode_candidates(
-      path, n=n, size=self.image_size, backend=self.backend, span=span
+      path, n=n, size=self.image_size, backend=self.backend, span=span, frame_rate=frame_rate
     )
     tokens = _encode(self.graphdef, self.state, candidates.frames[None])
     self.encode_calls += 1

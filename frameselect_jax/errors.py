@@ -78,6 +78,17 @@ def check_can_write_file(path: str, what: str) -> None:
   check_can_create(folder, what)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+  """'--shard=i/N' -> (i, N), with 0 <= i < N; else InputError."""
+  try:
+    i, n = (int(v) for v in str(text).split("/"))
+  except ValueError:
+    raise InputError(f"--shard={text!r}: expected i/N, e.g. 0/4") from None
+  if not (n >= 1 and 0 <= i < n):
+    raise InputError(f"--shard={text!r}: need 0 <= i < N")
+  return i, n
+
+
 def write_atomically(path: str, text: str) -> None:
   """Writes a whole file or none: a temporary file beside it, then a rename."""
   tmp = f"{path}.tmp-{os.getpid()}"

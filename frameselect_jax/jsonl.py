@@ -77,3 +77,23 @@ def append(path: str, records: Iterable[dict]) -> int:
       f.flush()
       count += 1
   return count
+
+
+class Appender:
+  """`append` for a long run: the file is opened once (a half line an interrupted writer
+  left is cut off first) and each record is written as one whole, flushed line."""
+
+  def __init__(self, path: str):
+    drop_partial_line(path)
+    self.file = open(path, "a", encoding="utf-8")
+
+  def write(self, records: Iterable[dict]) -> int:
+    count = 0
+    for record in records:
+      self.file.write(json.dumps(record, allow_nan=False) + "\n")
+      self.file.flush()
+      count += 1
+    return count
+
+  def close(self):
+    self.file.close()

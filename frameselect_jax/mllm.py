@@ -9,13 +9,14 @@ downstream models ask of a model, with two implementations.
   Qwen2.5-VL: AutoModelForImageTextToText and AutoProcessor), on CPU or GPU, batched over
   frames; it reads the answer token's logits directly.
 
-Both answer three questions:
+Both answer four questions:
 - `true_probabilities(frames, prompt)`: for each frame, P(True) / (P(True) + P(False)) at the
   answer token, the probabilities of the token variants (" True", "True", "true", ...)
   summed. The OpenAI backend needs `logprobs` with `top_logprobs`; a server that returns
   none gets `NoLogprobsError`, never a made-up 0.5.
 - `describe(frames, prompt)`: one text per frame (captions).
-- `chat(messages)`: a text-only answer (the temporal labeller's text LLM).
+- `chat(messages)`: a text-only answer (the temporal labeller's text LLM, the judge);
+- `ask(parts)`: an answer to interleaved text and frames (the harness's downstream model).
 
 `usage` counts calls, prompt and completion tokens. The API key is never part of a repr, a
 log line or an error message.
@@ -200,6 +201,19 @@ class OpenAIBackend:
     choice = self._create(deadline, messages=messages, max_tokens=max_tokens, temperature=0.0)
     return choice.message.content or ""
 
+  def ask(self, parts, *, max_tokens: int = 64, deadline=None) -> str:
+    """One answer to a user turn of interleaved parts: text (str) and frames (uint8 arrays),
+    in the order given (a downstream model sees the frames in temporal order)."""
+    content = [
+      {"type": "text", "text": p}
+      if isinstance(p, str)
+      else {"type": "image_url", "image_url": {"url": jpeg_data_url(p)}}
+      for p in parts
+    ]
+    return self.chat(
+      [{"role": "user", "content": content}], max_tokens=max_tokens, deadline=deadline
+    )
+
   def describe(self, frames, prompt, *, max_tokens: int = 96, deadline=None) -> list[str]:
     return self._fan_out(
       lambda f: self.chat([user_message([f], prompt)], max_tokens=max_tokens, deadline=deadline),
@@ -370,6 +384,29 @@ class TransformersBackend:
       self.usage.add(calls=len(batch), completion_tokens=int(new.numel()))
       out += self.tokenizer.batch_decode(new, skip_special_tokens=True)
     return out
+
+  def ask(self, parts, *, max_tokens: int = 64, deadline=None) -> str:
+    """One answer to interleaved text (str) and frames (uint8 arrays), the frames passed as
+    images in the order given, one generation."""
+    import torch
+    from PIL import Image
+
+    _check_deadline(deadline)
+    content = [
+      {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts
+    ]
+    text = self.processor.apply_chat_template(
+      [{"role": "user", "content": content}], add_generation_prompt=True
+    )
+    images = [Image.fromarray(np.asarray(p, np.uint8)) for p in parts if not isinstance(p, str)]
+    inputs = self.processor(
+      text=[text], images=images or None, return_tensors="pt", padding=True
+    ).to(self.device)
+    with torch.no_grad():
+      generated = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    new = generated[0, inputs["input_ids"].shape[1] :]
+    self.usage.add(prompt_tokens=int(inputs["input_ids"].numel()), completion_tokens=len(new))
+    return self.tokenizer.decode(new, skip_special_tokens=True)
 
   def chat(self, messages, *, max_tokens: int = 256, deadline=None) -> str:
     import torch

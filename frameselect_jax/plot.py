@@ -129,7 +129,12 @@ def plot_selection(
     ax.set_title(f"#{int(chosen[j])}  {result.timestamps[j]:.2f} s", fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
-  tmp = f"{out_path}.tmp-{os.getpid()}"  # whole or not at all
+  return save_figure(figure, out_path)
+
+
+def save_figure(figure, out_path: str) -> str:
+  """Writes the figure as a PNG, whole or not at all (a temporary file, then a rename)."""
+  tmp = f"{out_path}.tmp-{os.getpid()}"
   try:
     figure.savefig(tmp, format="png")
     os.replace(tmp, out_path)

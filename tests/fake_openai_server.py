@@ -7,7 +7,9 @@ It answers like a deterministic multimodal LLM:
   (so a test can compute the expected label from the frame itself);
 - a request with an image and no logprobs (a caption): "a frame of level <mean level>";
 - a text-only request (the temporal text LLM): `text_answer(prompt)`, by default the
-  indices of the two brightest captions as a JSON list.
+  indices of the two brightest captions as a JSON list;
+- with `image_answer(request)` set, a request with images gets its answer (a downstream
+  model; the request is recorded in `requests` for the test to inspect).
 
 `faults` is a list consumed one per request, first: "500", "429", "timeout" (sleeps past
 the client's timeout), "nologprobs" (answers without logprobs), "garbage" (text without any
@@ -44,8 +46,16 @@ def brightest_captions(prompt: str, count: int = 2) -> str:
 
 
 class FakeServer:
-  def __init__(self, faults=(), text_answer=brightest_captions, timeout_sleep_s=2.0, delay_s=0.0):
+  def __init__(
+    self,
+    faults=(),
+    text_answer=brightest_captions,
+    timeout_sleep_s=2.0,
+    delay_s=0.0,
+    image_answer=None,
+  ):
     self.faults = list(faults)
+    self.image_answer = image_answer  # request -> text, for requests with images (a downstream)
     self.delay_s = delay_s  # every answer takes this long (a slow server)
     self.text_answer = text_answer
     self.timeout_sleep_s = timeout_sleep_s
@@ -86,6 +96,8 @@ class FakeServer:
       }
     elif request.get("logprobs"):
       text = "Answer: True"
+    elif images and self.image_answer is not None:
+      text = self.image_answer(request)
     elif images:
       text = f"a frame of level {image_level(images[0]):.1f}"
     elif fault == "garbage":

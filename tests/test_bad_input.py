@@ -27,6 +27,19 @@ BUILD = [sys.executable, "-m", "data.build", "--config=configs/build.py:tiny,ben
 
 
 LABEL = [sys.executable, "-m", "data.label"]
+EVAL = [sys.executable, "-m", "eval"]
+
+
+def eval_argv(i, o, *changes):
+  """python -m eval over the inputs' generic items, writing under the fresh output folder."""
+  return [
+    *EVAL,
+    "--config=configs/eval/jsonl.py",
+    f"--config.root={i}/items.jsonl",
+    f"--config.output={o}/eval",
+    "--config.strategies=uniform",
+    *changes,
+  ]
 
 
 def label_argv(i, o, *changes):
@@ -279,6 +292,33 @@ def _cases():
       lambda i, o: [*LABEL, "merge", f"--inputs={i}/nothing.jsonl", f"--output={o}/m.jsonl"],
       "nothing.jsonl: no such file",
     ),
+    # python -m eval
+    (
+      "unknown strategy",
+      lambda i, o: eval_argv(i, o, "--config.strategies=uniform,best"),
+      "unknown strategy 'best'",
+    ),
+    (
+      "a frame budget over n",
+      lambda i, o: eval_argv(i, o, "--config.ks=(8,999)"),
+      "ks=[8, 999] must be frame budgets in [1, n=128]",
+    ),
+    (
+      "selector strategies without a selector",
+      lambda i, o: eval_argv(i, o, "--config.strategies=nms_greedy"),
+      "top_k and nms_greedy need a selector",
+    ),
+    (
+      "no benchmark folder",
+      lambda i, o: eval_argv(i, o, f"--config.root={i}/nothing"),
+      "nothing: does not exist",
+    ),
+    (
+      "a selection file that is not there",
+      lambda i, o: eval_argv(i, o, f"--config.strategies=file:{i}/nothing.jsonl"),
+      "strategy file:",
+    ),
+    ("an eval shard that is not one", lambda i, o: eval_argv(i, o, "--shard=1/1"), "--shard='1/1'"),
   ]
 
 

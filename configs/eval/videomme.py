@@ -1,0 +1,14 @@
+"""Video-MME (test).
+
+  python -m eval --config=configs/eval/videomme.py --config.root=/data/videomme \\
+      --config.selector.checkpoint=workdirs/stage2/checkpoints \\
+      --config.downstream.openai.base_url=http://host:8000/v1 --config.downstream.openai.model=...
+"""
+
+from configs.eval.base import base
+
+
+def get_config(arg=None):
+  del arg
+  c = base("videomme")
+  return c

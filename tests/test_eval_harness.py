@@ -1,0 +1,412 @@
+"""The evaluation harness (python -m eval): a full run on the needle benchmark with the pixel
+reader, resumed after an interruption; every benchmark's fixture through it; the downstream
+adapters against a recording loopback server of our own, `transformers serve` and a tiny
+random Qwen2-VL."""
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+from fake_openai_server import FakeServer, serve
+
+from configs.eval import base as eval_base
+from configs.eval import needle as needle_config
+from eval import downstream, harness
+from frameselect_jax import mllm, selection_file, synthetic, videoqa
+
+N = 16
+
+
+@pytest.fixture(scope="module")
+def needle(tmp_path_factory):
+  root = tmp_path_factory.mktemp("needle")
+  settings = synthetic.NeedleSettings(duration_s=4.0, fps=8, size=64, needles=2, distractors=1)
+  synthetic.write_needle_benchmark(str(root), {"test": 6}, settings, progress=False)
+  return str(root)
+
+
+def needle_eval(root, out, **changes):
+  c = needle_config.get_config("random")
+  c.root, c.output = root, str(out)
+  c.num_candidates = N  # the random tiny selector's n
+  c.ks = (1, 2, 4)
+  c.progress = False
+  c.report.resamples = 500
+  for key, value in changes.items():
+    c[key] = value
+  return c
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_a_needle_run_resumed_after_an_interruption_writes_every_report(
+  needle, tmp_path, monkeypatch
+):
+  whole = harness.run(needle_eval(needle, tmp_path / "whole"))
+  calls = []
+  real = downstream.NeedleDownstream.answer
+
+  def interrupted(self, *args):
+    calls.append(1)
+    if len(calls) == 20:
+      raise KeyboardInterrupt
+    return real(self, *args)
+
+  monkeypatch.setattr(downstream.NeedleDownstream, "answer", interrupted)
+  config = needle_eval(needle, tmp_path / "resumed")
+  with pytest.raises(KeyboardInterrupt):
+    harness.run(config)
+  partial = read_jsonl(tmp_path / "resumed" / "results.jsonl")
+  assert 0 < len(partial) < 12 * 4 * 3
+  monkeypatch.setattr(downstream.NeedleDownstream, "answer", real)
+  out = harness.run(config)
+  results = read_jsonl(os.path.join(out, "results.jsonl"))
+  keys = [(r["qid"], r["strategy"], r["k"]) for r in results]
+  assert len(keys) == len(set(keys)) == 12 * 4 * 3  # questions x strategies x ks
+  expected = {
+    (r["qid"], r["strategy"], r["k"]): r["correct"] for r in read_jsonl(f"{whole}/results.jsonl")
+  }
+  assert {(r["qid"], r["strategy"], r["k"]): r["correct"] for r in results} == expected
+  # The selection file is valid, written for every (question, strategy, k), and the answers
+  # were given exactly those frames.
+  selections = selection_file.read(os.path.join(out, "selections.jsonl"))
+  assert len(selections) == 12 * 4 * 3
+  frames = {(s["qid"], s["strategy"], s["k"]): len(s["indices"]) for s in selections}
+  assert all(frames[r["qid"], r["strategy"], r["k"]] == r["frames"] for r in results)
+  # report.json: the numbers are the results' own.
+  with open(os.path.join(out, "report.json")) as f:
+    report = json.load(f)
+  for row in report["table"]:
+    mine = [r["correct"] for r in results if (r["strategy"], r["k"]) == (row["strategy"], row["k"])]
+    assert row["all"]["accuracy"] == pytest.approx(np.mean(mine))
+    assert row["all"]["low"] <= row["all"]["accuracy"] <= row["all"]["high"]
+    assert row["items"] == 12 and row["scorable"] == 12
+    assert set(row["breakdown"]["color"]) <= set(synthetic.NEEDLE_COLORS)
+  paired = {(p["strategy"], p["k"]) for p in report["paired"]}
+  assert paired == {(s, k) for s in ("random", "top_k", "nms_greedy") for k in (1, 2, 4)}
+  assert report["selection_file_sha256"] and report["versions"]["jax"]
+  assert report["config"]["strategies"] == "uniform,random,top_k,nms_greedy"
+  markdown = open(os.path.join(out, "report.md")).read()
+  assert re.search(r"\| nms_greedy \| 4 \| [\d.]+ \|", markdown) and "McNemar" in markdown
+  from PIL import Image
+
+  with Image.open(os.path.join(out, "accuracy_vs_frames.png")) as image:
+    assert image.size[0] > 300
+  # More frames, more needles seen: uniform's accuracy does not fall as k grows (the reader
+  # guesses, 1 in 4, when no given frame shows the card).
+  uniform = {r["k"]: r["all"]["accuracy"] for r in report["table"] if r["strategy"] == "uniform"}
+  assert uniform[4] >= uniform[1]
+
+
+def test_shards_merge_into_one_report(needle, tmp_path):
+  config = needle_eval(needle, tmp_path / "sharded", strategies="uniform,random")
+  outs = [harness.run(config, (i, 2)) for i in range(2)]
+  assert [os.path.basename(o) for o in outs] == ["shard-0-of-2", "shard-1-of-2"]
+  merged = harness.merge(outs, str(tmp_path / "merged"), config)
+  single = harness.run(needle_eval(needle, tmp_path / "single", strategies="uniform,random"))
+  key = lambda r: (r["qid"], r["strategy"], r["k"], r["correct"])
+  assert sorted(map(key, read_jsonl(f"{merged}/results.jsonl"))) == sorted(
+    map(key, read_jsonl(f"{single}/results.jsonl"))
+  )
+
+
+def test_a_selection_file_made_elsewhere_is_answered_as_it_is(needle, tmp_path):
+  first = harness.run(needle_eval(needle, tmp_path / "first", strategies="uniform"))
+  config = needle_eval(needle, tmp_path / "again", strategies=f"file:{first}/selections.jsonl")
+  again = harness.run(config)
+  picks = lambda out: {
+    (s["qid"], s["k"]): s["indices"] for s in selection_file.read(f"{out}/selections.jsonl")
+  }
+  assert picks(again) == picks(first)
+
+
+def test_missing_and_undecodable_videos_stay_in_the_denominator(tmp_path):
+  synthetic.needle_video(tmp_path / "clip.mp4", num_frames=16, fps=8, size=64, seed=0)
+  (tmp_path / "empty.mp4").write_bytes(b"")
+  lines = [
+    {"qid": q, "video": v, "question": "Which?", "options": ["x", "y"], "answer": "x"}
+    for q, v in (("a", "clip.mp4"), ("b", "empty.mp4"), ("c", "gone.mp4"))
+  ]
+  (tmp_path / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  fake = FakeServer(image_answer=lambda request: "The answer is (A).")
+  c = eval_base.base("jsonl", root=str(tmp_path))
+  c.output, c.strategies, c.ks, c.num_candidates = str(tmp_path / "out"), "uniform", (2,), 8
+  c.decode.image_size, c.progress, c.report.resamples = 32, False, 200
+  with serve(fake) as url:
+    c.downstream.openai.base_url, c.downstream.openai.model = url, "fake-vlm"
+    out = harness.run(c)
+  with open(f"{out}/report.json") as f:
+    row = json.load(f)["table"][0]
+  assert (row["items"], row["scorable"], row["missing_video"], row["undecodable"]) == (3, 1, 1, 1)
+  assert row["all"]["accuracy"] == pytest.approx(1 / 3)
+  assert row["over_scorable"]["accuracy"] == 1.0
+
+
+# --- Every benchmark's fixture through the harness ---
+
+
+def _fixture(name, root, clip):
+  """A two-question fixture in the benchmark's released layout; returns the config changes."""
+  place = lambda *paths: [
+    (os.makedirs(os.path.dirname(p), exist_ok=True), shutil.copy(clip, p)) for p in paths
+  ]
+  write = lambda rel, data: (
+    os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True),
+    open(os.path.join(root, rel), "w").write(data if isinstance(data, str) else json.dumps(data)),
+  )
+  options = ["red", "green", "blue", "white", "black"]
+  if name == "nextqa":
+    header = "video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4\n"
+    rows = "".join(f"v1,16,64,64,what colour {q},1,{q},DC,{','.join(options)}\n" for q in (0, 1))
+    write("val.csv", header + rows)
+    write("map_vid_vidorID.json", {"v1": "0001/v1"})
+    place(os.path.join(root, "NExTVideo", "0001", "v1.mp4"))
+  elif name == "egoschema":
+    write(
+      "questions.json",
+      [
+        {"q_uid": u, "question": "what?", **{f"option {i}": o for i, o in enumerate(options)}}
+        for u in ("u1", "u2")
+      ],
+    )
+    write("subset_answers.json", {"u1": 1, "u2": 1})
+    place(*(os.path.join(root, "videos", f"{u}.mp4") for u in ("u1", "u2")))
+  elif name == "activitynet_qa":
+    write(
+      "test_q.json",
+      [{"video_name": "x", "question": "what?", "question_id": f"v_x_{i}"} for i in (0, 1)],
+    )
+    write(
+      "test_a.json", [{"answer": "green", "type": 4, "question_id": f"v_x_{i}"} for i in (0, 1)]
+    )
+    place(os.path.join(root, "videos", "v_x.mp4"))
+  elif name == "longvideobench":
+    write(
+      "lvb_val.json",
+      [
+        {
+          "id": f"x_{i}",
+          "video_path": "x.mp4",
+          "question": "what?",
+          "candidates": options,
+          "correct_choice": 1,
+          "duration": 2.0,
+          "duration_group": 15,
+          "question_category": "S2E",
+          "topic_category": "t",
+          "level": "L1",
+        }
+        for i in (0, 1)
+      ],
+    )
+    place(os.path.join(root, "videos", "x.mp4"))
+  elif name == "videomme":
+    lettered = [f"{'ABCDE'[i]}. {o}" for i, o in enumerate(options[:4])]
+    write(
+      "videomme/test.json",
+      [
+        {
+          "question_id": f"001-{i}",
+          "videoID": "yt",
+          "duration": "short",
+          "domain": "d",
+          "sub_category": "s",
+          "task_type": "t",
+          "question": "what?",
+          "options": lettered,
+          "answer": "B",
+        }
+        for i in (1, 2)
+      ],
+    )
+    place(os.path.join(root, "data", "yt.mp4"))
+  elif name == "mlvu":
+    write(
+      "json/1_plotQA.json",
+      [
+        {
+          "video": "m.mp4",
+          "duration": 2,
+          "question": "what?",
+          "candidates": options,
+          "answer": "green",
+          "question_type": "plotQA",
+        }
+      ]
+      * 2,
+    )
+    place(os.path.join(root, "video", "1_plotQA", "m.mp4"))
+  elif name == "mvbench":
+    write(
+      "json/action_sequence.json",
+      [
+        {
+          "video": "s.mp4",
+          "question": "what?",
+          "candidates": options,
+          "answer": "green",
+          "start": 0.0,
+          "end": 1.5,
+        }
+      ]
+      * 2,
+    )
+    place(os.path.join(root, "video", "star", "Charades_v1_480", "s.mp4"))
+  elif name == "jsonl":
+    write(
+      "test.jsonl",
+      "".join(
+        json.dumps(
+          {
+            "qid": str(i),
+            "video": "c.mp4",
+            "question": "what?",
+            "options": options,
+            "answer": "green",
+          }
+        )
+        + "\n"
+        for i in (0, 1)
+      ),
+    )
+    place(os.path.join(root, "c.mp4"))
+
+
+@pytest.mark.parametrize(
+  "name",
+  [
+    "nextqa",
+    "egoschema",
+    "activitynet_qa",
+    "longvideobench",
+    "videomme",
+    "mlvu",
+    "mvbench",
+    "jsonl",
+  ],
+)
+def test_every_benchmark_through_the_harness(name, tmp_path):
+  clip = str(tmp_path / "clip.mp4")
+  synthetic.needle_video(clip, num_frames=16, fps=8, size=64, seed=0)
+  root = str(tmp_path / name)
+  _fixture(name, root, clip)
+  fake = FakeServer(
+    image_answer=lambda request: "The answer is (B).",
+    text_answer=lambda prompt: "{'pred': 'yes', 'score': 4}",
+  )
+  c = eval_base.base(name, root=root)
+  c.output, c.strategies, c.ks, c.num_candidates = (
+    str(tmp_path / "out"),
+    "uniform,random",
+    (2, 4),
+    8,
+  )
+  c.decode.image_size, c.progress, c.report.resamples = 32, False, 200
+  with serve(fake) as url:
+    c.downstream.openai.base_url, c.downstream.openai.model = url, "fake-vlm"
+    c.judge.base_url, c.judge.model = url, "fake-judge"
+    out = harness.run(c)
+  results = read_jsonl(f"{out}/results.jsonl")
+  assert len(results) == 2 * 2 * 2 and all(r["status"] == "ok" for r in results)
+  # Option B is the right one in every fixture; ActivityNet-QA's judge says yes.
+  assert all(r["correct"] and r["scorable"] for r in results), results[0]
+  items = videoqa.load(name, root)
+  assert {r["qid"] for r in results} == {i.qid for i in items}
+
+
+# --- The downstream adapters ---
+
+
+def test_the_frames_arrive_in_temporal_order_with_their_timestamps_through_retries():
+  fake = FakeServer(faults=["429", "500"], image_answer=lambda request: "(C)")
+  frames = [np.full((32, 32, 3), level, np.uint8) for level in (30, 90, 150, 210)]
+  stamps = [0.5, 2.0, 3.25, 7.0]
+  with serve(fake) as url:
+    backend = mllm.OpenAIBackend(url, "fake-vlm", "k", timeout_s=5, backoff_s=0.01)
+    model = downstream.ModelDownstream(
+      backend, "fake", eval_base.MULTIPLE_CHOICE, eval_base.OPEN_ENDED
+    )
+    reply = model.answer(frames, stamps, "Which colour?", ["red", "green", "blue"])
+  assert reply["text"] == "(C)" and backend.retried == 2 and reply["prompt_tokens"] > 0
+  content = fake.requests[-1]["messages"][0]["content"]
+  texts = [p["text"] for p in content if p["type"] == "text"]
+  images = [p["image_url"]["url"] for p in content if p["type"] == "image_url"]
+  assert texts[:4] == [
+    "Frame 1 at 0.5 s:",
+    "Frame 2 at 2.0 s:",
+    "Frame 3 at 3.2 s:",
+    "Frame 4 at 7.0 s:",
+  ]
+  assert [p["type"] for p in content] == ["text", "image_url"] * 4 + ["text"]
+  from fake_openai_server import image_level
+
+  assert [round(image_level(u)) for u in images] == [30, 90, 150, 210]
+  assert "A. red\nB. green\nC. blue" in texts[-1] and "Which colour?" in texts[-1]
+
+
+def test_numbered_frames_carry_their_index_and_time():
+  frame = np.full((64, 64, 3), 128, np.uint8)
+  marked = downstream.number_frame(frame, 3, 12.5)
+  assert marked.shape == frame.shape and (marked != frame).any()
+  assert (marked[40:, 40:] == 128).all()  # only the corner label changes
+
+
+def test_the_response_cache_answers_a_rerun(tmp_path):
+  cache = downstream.ResponseCache(str(tmp_path / "cache"))
+  frames = [np.zeros((8, 8, 3), np.uint8)]
+  key = cache.key("m", "p", frames, [1.0])
+  assert cache.get(key) is None
+  cache.put(key, {"text": "(A)"})
+  assert downstream.ResponseCache(str(tmp_path / "cache")).get(key) == {"text": "(A)"}
+  assert cache.key("m", "p", [np.ones((8, 8, 3), np.uint8)], [1.0]) != key
+  assert cache.key("other", "p", frames, [1.0]) != key
+
+
+def test_the_local_transformers_adapter_answers(tmp_path):
+  from tiny_vlm import image_only_processor_class, save_tiny_qwen2vl
+
+  path = save_tiny_qwen2vl(str(tmp_path / "qwen2vl"))
+  backend = mllm.TransformersBackend(
+    path, processor=image_only_processor_class().from_pretrained(path)
+  )
+  model = downstream.ModelDownstream(
+    backend, "tiny", eval_base.MULTIPLE_CHOICE, eval_base.OPEN_ENDED, max_tokens=4
+  )
+  frames = [
+    np.random.default_rng(i).integers(0, 256, (56, 56, 3), dtype=np.uint8) for i in range(3)
+  ]
+  reply = model.answer(frames, [0.0, 1.0, 2.0], "Which?", ["a", "b"])
+  assert isinstance(reply["text"], str) and reply["prompt_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_end_to_end_through_transformers_serve(tmp_path):
+  """A tiny random LLaVA (transformers serve cannot process a Qwen2-VL here: its video
+  processor needs torchvision), served on loopback, answering through the harness."""
+  from serve_fixture import save_tiny_llava, transformers_serve
+
+  synthetic.needle_video(tmp_path / "clip.mp4", num_frames=16, fps=8, size=64, seed=0)
+  lines = [
+    {"qid": "a", "video": "clip.mp4", "question": "Which?", "options": ["x", "y"], "answer": "x"}
+  ]
+  (tmp_path / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  c = eval_base.base("jsonl", root=str(tmp_path))
+  c.output, c.strategies, c.ks, c.num_candidates = str(tmp_path / "out"), "uniform", (2,), 8
+  c.decode.image_size, c.progress, c.report.resamples = 28, False, 200
+  c.downstream.max_tokens = 6
+  with transformers_serve(save_tiny_llava(str(tmp_path / "llava"))) as (url, model):
+    c.downstream.openai.base_url, c.downstream.openai.model = url, model
+    out = harness.run(c)
+  (result,) = read_jsonl(f"{out}/results.jsonl")
+  assert result["status"] == "ok" and isinstance(result["answer"], str)
+  assert result["prompt_tokens"] > 0
+  # A random model's answer: parsed when it names an option, else listed as unparseable.
+  with open(f"{out}/report.json") as f:
+    row = json.load(f)["table"][0]
+  assert row["unparseable"] == (0 if result["parsed"] else 1)
