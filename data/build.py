@@ -65,23 +65,25 @@ def ground_truth_labels(item: videoqa.Item, candidates: video.Candidates) -> dic
 
 
 class LabelFile:
-  """Pseudo-labels, one JSONL line per item: benchmark, qid, labels (float[n] in [0, 1], the
-  combined label), optional spatial and temporal (float[n]) and timestamps (the candidates'
-  seconds they were made for, checked against the ones decoded here)."""
+  """Pseudo-labels (one file, or several separated by commas), one JSONL line per item:
+  benchmark, qid, labels (float[n] in [0, 1], the combined label), optional spatial and
+  temporal (float[n]) and timestamps (the candidates' seconds they were made for, checked
+  against the ones decoded here)."""
 
-  def __init__(self, path: str):
-    if not os.path.isfile(path):
-      raise BuildError(f"build.labels={path!r}: no such file")
-    self.path = path
-    try:
-      lines = jsonl.read(path)
-    except (jsonl.JsonlError, UnicodeDecodeError) as e:
-      raise BuildError(f"build.labels: {e}") from None
+  def __init__(self, paths: str):
+    self.path = paths
     self.by_key = {}
-    for number, line in enumerate(lines, start=1):
-      if "qid" not in line or "labels" not in line:
-        raise BuildError(f"{path}: line {number}: needs 'qid' and 'labels'")
-      self.by_key[(str(line.get("benchmark", "")), str(line["qid"]))] = line
+    for path in paths.split(","):  # one file per split or shard is fine
+      if not os.path.isfile(path):
+        raise BuildError(f"build.labels={path!r}: no such file")
+      try:
+        lines = jsonl.read(path)
+      except (jsonl.JsonlError, UnicodeDecodeError) as e:
+        raise BuildError(f"build.labels: {e}") from None
+      for number, line in enumerate(lines, start=1):
+        if "qid" not in line or "labels" not in line:
+          raise BuildError(f"{path}: line {number}: needs 'qid' and 'labels'")
+        self.by_key[(str(line.get("benchmark", "")), str(line["qid"]))] = line
 
   def __call__(self, item: videoqa.Item, candidates: video.Candidates) -> dict:
     line = self.by_key.get((item.benchmark, item.qid)) or self.by_key.get(("", item.qid))
@@ -141,8 +143,14 @@ def settings_fingerprint(config, selector_cfg) -> str:
   b = config.build
   labels = b.labels
   if labels and labels != "ground_truth":
-    labels = visual_cache.directory_identity(os.path.dirname(os.path.abspath(labels)))
-    labels = [f for f in labels if f[0] == os.path.basename(b.labels)]
+    labels = [
+      [
+        f
+        for f in visual_cache.directory_identity(os.path.dirname(os.path.abspath(p)))
+        if f[0] == os.path.basename(p)
+      ]
+      for p in b.labels.split(",")
+    ]
   parts = dict(
     benchmark=b.benchmark,
     root=os.path.abspath(b.root),

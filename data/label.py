@@ -148,19 +148,26 @@ def load_items(config):
     raise LabelConfigError(str(e)) from None
 
 
-def label_item(item, config, labellers) -> dict:
-  """One output line; raises video.VideoError (skip) or LabelError / BackendError (fail)."""
+def label_item(item, config, labellers, last: dict) -> dict:
+  """One output line; raises video.VideoError (skip) or LabelError / BackendError (fail).
+  `last` holds the previous item's candidates: the questions of one video come one after
+  another and share them."""
   c = config.label
   start = time.monotonic()
   deadline = start + c.time_limit_s
-  candidates = video.decode_candidates(
-    item.video,
-    n=c.num_candidates,
-    size=c.image_size,
-    backend=c.decoder,
-    span=item.span,
-    frame_rate=item.frame_rate,
-  )
+  key = (item.video, item.span, item.frame_rate)
+  if last.get("key") != key:
+    last.clear()
+    last["candidates"] = video.decode_candidates(
+      item.video,
+      n=c.num_candidates,
+      size=c.image_size,
+      backend=c.decoder,
+      span=item.span,
+      frame_rate=item.frame_rate,
+    )
+    last["key"] = key  # only once decoded: a video that fails is tried again, and fails again
+  candidates = last["candidates"]
   parts = {}
   for labeller in labellers:
     parts.update(labeller(item, candidates, deadline))
@@ -219,7 +226,7 @@ def run(config, shard=(0, 1)) -> dict:
     if os.path.exists(failures_path):
       os.remove(failures_path)  # this run retries them
     counts = collections.Counter()
-    skipped, failed = [], []
+    skipped, failed, last = [], [], {}
     started = time.monotonic()
     bar = tqdm(mine, desc=f"labels {i}/{n}", disable=not c.progress, unit="item")
     for item in bar:
@@ -229,7 +236,7 @@ def run(config, shard=(0, 1)) -> dict:
         skipped.append({"qid": item.qid, "reason": "; ".join(problems[item.qid])})
       else:
         try:
-          line = label_item(item, config, labellers)
+          line = label_item(item, config, labellers, last)
         except video.VideoError as e:
           skipped.append({"qid": item.qid, "reason": f"undecodable video: {errors.one_line(e)}"})
         except mllm.NoLogprobsError:

@@ -33,7 +33,7 @@ from eval import answers, downstream
 from frameselect_jax import errors, jsonl, selection, selection_file, video, videoqa
 
 SELECTOR_STRATEGIES = ("top_k", "nms_greedy")
-BLIND_STRATEGIES = ("uniform", "random")
+BLIND_STRATEGIES = ("uniform", "random", "pixel_diff")  # pixel_diff: question-blind keyframes
 STATUS_OK, STATUS_MISSING, STATUS_UNDECODABLE = "ok", "missing_video", "undecodable"
 
 
@@ -187,11 +187,14 @@ def select_all(item, candidates, strategies, ks, selector, external, config):
         picks, strategy_scores = random_pick(valid, k, config.seed, item.qid), None
       elif strategy == "uniform":
         picks, strategy_scores = np.asarray(selection.uniform(valid, k)), None
+      elif strategy == "pixel_diff":
+        strategy_scores = selection.frame_difference_scores(candidates.frames, valid)
+        picks = np.asarray(selection.top_k(strategy_scores, valid, k))
       else:
         picks, strategy_scores = np.asarray(selection.select(strategy, scores, valid, k)), scores
       picks = picks[picks >= 0]
       seconds = time.perf_counter() - start  # and its share of the scoring, which they share
-      seconds += score_seconds / scored_pairs if strategy_scores is not None else 0.0
+      seconds += score_seconds / scored_pairs if strategy in SELECTOR_STRATEGIES else 0.0
       out[(strategy, k)] = (picks, strategy_scores, seconds)
   return out
 

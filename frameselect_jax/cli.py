@@ -1,12 +1,13 @@
 """The `frameselect` command.
 
   frameselect select VIDEO "QUESTION" -k 8 [--checkpoint DIR] [--json] [--plot out.png]
-  frameselect demo --out DIR
+  frameselect demo --out DIR [--small]
 
 `select` prints the chosen frames' timestamps (or the selection-file record as JSON). With
 no --checkpoint (and no --llm/--vision) it runs the tiny random preset, and says so: its
-scores are random. `demo` writes a synthetic needle video, selects frames in it with the
-tiny random preset, and writes selection.jsonl and a plot; it needs no downloads.
+scores are random. `demo` is the main job (frameselect_jax/demo.py): it generates the needle
+benchmark, labels it, builds the dataset, trains both stages and evaluates the trained
+selector against the other strategies, from the repository root; it needs no downloads.
 Errors the user can fix (missing files, bad checkpoints, bad arguments) print
 `error: ...` and exit with status 2.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from frameselect_jax import errors
 
@@ -25,7 +25,6 @@ RANDOM_NOTICE = (
   "untrained and random, so the chosen frames mean nothing; pass --checkpoint "
   "DIR (a training run) for real selections."
 )
-DEMO_QUESTIONS = ("When does the red square appear?", "Is there a red square in the video?")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,10 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
   )
   select.add_argument("--plot", metavar="PNG", help="write the score curve and thumbnails here")
 
-  demo = commands.add_parser("demo", help="run the selector on a generated needle video")
+  demo = commands.add_parser(
+    "demo", help="the main job: generate, label, build, train and evaluate on needle videos"
+  )
   demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-  demo.add_argument("-k", type=int, default=8, help="frames to choose (default 8)")
-  demo.add_argument("--seed", type=int, default=0, help="video and model seed")
+  demo.add_argument(
+    "--small", action="store_true", help="a few videos and steps: the machinery only (tests)"
+  )
   return parser
 
 
@@ -210,83 +212,14 @@ def write_plot(result, path: str, note: str | None = None, spans=()):
 
 
 def run_demo(args) -> int:
-  """Generated needle video -> tiny random selector -> selection.jsonl and selection.png."""
-  start = time.perf_counter()
-  os.makedirs(args.out, exist_ok=True)
+  """The main job (frameselect_jax/demo.py): generate, label, build, train, evaluate."""
+  from frameselect_jax import demo
 
-  def step(number, text):
-    print(f"[{number}/4] {text} ...", flush=True)
-    return time.perf_counter()
-
-  def done(since):
-    print(f"      done in {time.perf_counter() - since:.1f} s", flush=True)
-
-  from frameselect_jax import synthetic
-
-  t = step(1, "writing a 20 s needle video (a red square shows for 0.5 s)")
-  video_path = os.path.join(args.out, "needle.mp4")
-  info = synthetic.needle_video(
-    video_path, num_frames=160, fps=8, size=(96, 128), needle_len=4, seed=args.seed
-  )
-  done(t)
-
-  t = step(2, "building the tiny random selector (n=128 candidates; first JAX use compiles)")
-  from frameselect_jax import selection_file
-  from frameselect_jax.api import FrameSelector
-
-  selector = FrameSelector.random(num_candidates=128, seed=args.seed)
-  done(t)
-  print("      " + RANDOM_NOTICE.replace("no --checkpoint given: ", ""))
-
-  t = step(
-    3,
-    f"selecting k={args.k} frames for {len(DEMO_QUESTIONS)} questions "
-    "(decode + encode once, then one LLM pass per question)",
-  )
-  pairs = [(video_path, q) for q in DEMO_QUESTIONS]
-  results = selector.select_many(pairs, k=args.k, batch_size=len(pairs))
-  uniform = selector.select(video_path, DEMO_QUESTIONS[0], k=args.k, strategy="uniform")
-  done(t)
-
-  t = step(4, "writing selection.jsonl and selection.png")
-  records = [r.to_json(qid=f"demo-{i}", video_id="needle") for i, r in enumerate(results)]
-  records.append(uniform.to_json(qid="demo-uniform", video_id="needle"))
-  jsonl_path = os.path.join(args.out, "selection.jsonl")
-  selection_file.write(jsonl_path, records)
-  plot_path = os.path.join(args.out, "selection.png")
-  write_plot(
-    results[0],
-    plot_path,
-    "tiny random preset, untrained: the scores are random",
-    spans=[(info.start_s, info.stop_s, "needle shown (ground truth)")],
-  )
-  done(t)
-
-  first = results[0]
-  needle_candidates = [
-    int(i)
-    for i in range(first.n)
-    if first.valid[i] and info.time_has_needle(first.candidate_timestamps[i])
-  ]
-  print()
-  print(f"video        {video_path} ({info.duration_s:.0f} s, {info.num_frames} frames)")
-  print(f"needle       {info.start_s:.2f}-{info.stop_s:.2f} s, in candidates {needle_candidates}")
-  for name, result in (("nms_greedy", first), ("uniform", uniform)):
-    hits = int(info.time_has_needle(result.timestamps).sum())
-    print(
-      f"{name:12s} {' '.join(f'{x:.2f}' for x in result.timestamps)} s "
-      f"({hits} of {len(result.indices)} show the needle)"
-    )
-  print(
-    f"encoded      {selector.encode_calls} video for {len(DEMO_QUESTIONS) + 1} selections "
-    "(visual tokens cached per video)"
-  )
-  print(f"wrote        {jsonl_path}, {plot_path}")
-  print(f"total        {time.perf_counter() - start:.1f} s")
-  print(
-    'next         frameselect select VIDEO "QUESTION" --checkpoint WORKDIR '
-    "(a trained run of python -m train) --plot out.png"
-  )
+  try:
+    demo.run(args.out, small=args.small)
+  except RuntimeError as error:  # a stage failed: its own output says why
+    print(f"demo: {error}", file=sys.stderr)
+    return 1
   return 0
 
 

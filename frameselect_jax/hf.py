@@ -30,7 +30,14 @@ from frameselect_jax.models import presets as presets_lib
 from frameselect_jax.models.layers import iter_dense, lora_delta
 from frameselect_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from frameselect_jax.models.selector import Selector, SelectorConfig
-from frameselect_jax.models.siglip import SiglipVisionConfig, SiglipVisionModel
+from frameselect_jax.models.siglip import (
+  SiglipConfig,
+  SiglipModel,
+  SiglipTextConfig,
+  SiglipVisionConfig,
+  SiglipVisionModel,
+  SiglipVisionModelWithHead,
+)
 
 # --- config.json ---
 
@@ -79,6 +86,20 @@ def siglip_config_from_hf(hf: dict) -> SiglipVisionConfig:
     )
   values = hf.get("vision_config", hf) if hf["model_type"] == "siglip" else hf
   return _pick_fields(SiglipVisionConfig, values).validate()
+
+
+def siglip_model_config_from_hf(hf: dict) -> SiglipConfig:
+  """A whole SiglipModel's config.json (vision_config and text_config)."""
+  if hf.get("model_type") != "siglip" or not hf.get("text_config") or not hf.get("vision_config"):
+    raise ValueError(
+      f"unsupported image-text architecture: model_type={hf.get('model_type')!r}, "
+      f"text_config {'present' if hf.get('text_config') else 'absent'}; expected a SiglipModel "
+      "(model_type 'siglip' with vision_config and text_config)"
+    )
+  if hf["vision_config"].get("vision_use_head") is False:
+    raise ValueError("vision_config.vision_use_head is false: the image embeddings need the head")
+  vision = _pick_fields(SiglipVisionConfig, hf["vision_config"])
+  return SiglipConfig(vision=vision, text=_pick_fields(SiglipTextConfig, hf["text_config"]))
 
 
 def qwen2_config_to_hf(cfg: Qwen2Config) -> dict:
@@ -220,6 +241,63 @@ SIGLIP_RULES: list[tuple[str, str, Callable | None]] = [
 # Present in real checkpoints, not used by the selector: SigLIP's attention-pooling head and
 # text tower; position_ids buffers.
 SIGLIP_IGNORED = r"(?:vision_model\.)?head\..*|text_model\..*|logit_(scale|bias)|.*position_ids"
+# The vision tower's attention-pooling head (SiglipVisionModelWithHead). torch's
+# MultiheadAttention packs q, k, v into in_proj_weight / in_proj_bias: our Dense in_proj.
+SIGLIP_HEAD_RULES: list[tuple[str, str, Callable | None]] = [
+  (r"(?:vision_model\.)?head\.probe", r"head.probe", None),
+  (
+    r"(?:vision_model\.)?head\.attention\.in_proj_weight",
+    r"head.attention.in_proj.kernel",
+    _transpose,
+  ),
+  (r"(?:vision_model\.)?head\.attention\.in_proj_bias", r"head.attention.in_proj.bias", None),
+  (r"(?:vision_model\.)?(head\.(attention\.out_proj|mlp\.fc\d))\.weight", r"\1.kernel", _transpose),
+  (r"(?:vision_model\.)?(head\.(attention\.out_proj|mlp\.fc\d))\.bias", r"\1.bias", None),
+  (r"(?:vision_model\.)?head\.layernorm\.(weight|bias)", r"head.layernorm.\1", None),
+]
+SIGLIP_HEAD_IGNORED = r"text_model\..*|logit_(scale|bias)|.*position_ids"
+SIGLIP_TEXT_RULES: list[tuple[str, str, Callable | None]] = [
+  (
+    r"(?:text_model\.)?(embeddings\.(token|position)_embedding)\.weight",
+    r"\1.embedding",
+    None,
+  ),
+  (
+    r"(?:text_model\.)?(encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)|head)\.weight",
+    r"\1.kernel",
+    _transpose,
+  ),
+  (
+    r"(?:text_model\.)?(encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)|head)\.bias",
+    r"\1.bias",
+    None,
+  ),
+  (
+    r"(?:text_model\.)?(encoder\.layers\.\d+\.layer_norm\d|final_layer_norm)\.(weight|bias)",
+    r"\1.\2",
+    None,
+  ),
+]
+
+
+def _nested(prefix: str, rules):
+  r"""The rules of a tower that sits under `prefix.` both in the checkpoint and in our tree
+  (each pattern starts with the optional group `(?:prefix\.)?`, which becomes required)."""
+  optional = f"(?:{prefix}\\.)?"
+  nested = []
+  for pattern, template, transform in rules:
+    assert pattern.startswith(optional), (prefix, pattern)
+    nested.append((f"{prefix}\\." + pattern[len(optional) :], f"{prefix}.{template}", transform))
+  return nested
+
+
+# A whole SiglipModel: our tree keeps its vision_model. / text_model. prefixes.
+SIGLIP_MODEL_RULES: list[tuple[str, str, Callable | None]] = [
+  *_nested("vision_model", SIGLIP_RULES + SIGLIP_HEAD_RULES),
+  *_nested("text_model", SIGLIP_TEXT_RULES),
+  (r"logit_(scale|bias)", r"logit_\1", None),
+]
+SIGLIP_MODEL_IGNORED = r".*position_ids"
 QWEN2_IGNORED = r".*rotary_emb\.inv_freq"
 
 
@@ -298,15 +376,41 @@ def load_qwen2(
 
 
 def load_siglip(
-  directory: str, *, preset_name: str | None = None, dtype=jnp.float32, mesh: Mesh | None = None
+  directory: str,
+  *,
+  preset_name: str | None = None,
+  dtype=jnp.float32,
+  mesh: Mesh | None = None,
+  with_head: bool = False,
 ) -> SiglipVisionModel:
-  """The vision tower of SiglipVisionModel or SiglipModel from a local directory."""
+  """The vision tower of SiglipVisionModel or SiglipModel from a local directory: without its
+  pooling head (what the selector uses), or with it (SiglipVisionModelWithHead)."""
   cfg = config_or_preset(directory, preset_name, presets_lib.SIGLIP, siglip_config_from_hf)
+  if with_head:
+    make, rules, ignored = (
+      SiglipVisionModelWithHead,
+      SIGLIP_RULES + SIGLIP_HEAD_RULES,
+      SIGLIP_HEAD_IGNORED,
+    )
+  else:
+    make, rules, ignored = SiglipVisionModel, SIGLIP_RULES, SIGLIP_IGNORED
+  return _load_model(
+    directory, lambda: make(cfg, dtype=dtype, rngs=nnx.Rngs(0)), rules, ignored, mesh
+  )
+
+
+def load_siglip_model(
+  directory: str, *, dtype=jnp.float32, mesh: Mesh | None = None
+) -> SiglipModel:
+  """A whole SiglipModel (both towers, logit_scale, logit_bias) from a local directory with its
+  config.json. Its tokenizer, when the directory has one: `load_tokenizer(directory)` (SigLIP's
+  own SiglipTokenizer needs the sentencepiece package), then `siglip_text_ids`."""
+  cfg = siglip_model_config(directory)
   return _load_model(
     directory,
-    lambda: SiglipVisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
-    SIGLIP_RULES,
-    SIGLIP_IGNORED,
+    lambda: SiglipModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
+    SIGLIP_MODEL_RULES,
+    SIGLIP_MODEL_IGNORED,
     mesh,
   )
 
@@ -339,6 +443,11 @@ def qwen2_config(directory: str) -> Qwen2Config:
 
 def siglip_config(directory: str) -> SiglipVisionConfig:
   return config_or_preset(directory, None, presets_lib.SIGLIP, siglip_config_from_hf)
+
+
+def siglip_model_config(directory: str) -> SiglipConfig:
+  """A SiglipModel directory's config (its config.json is required: there are no presets)."""
+  return siglip_model_config_from_hf(read_config_json(directory)).validate()
 
 
 def selector_from_hf(
@@ -381,6 +490,17 @@ def load_tokenizer(directory: str):
       "(tokenizer.json, or vocab.json + merges.txt)?"
     )
   return tokenizer
+
+
+def siglip_text_ids(tokenizer, texts, max_length: int = 64) -> np.ndarray:
+  """int32 (len(texts), max_length) token ids as SigLIP was trained on: padded to max_length
+  (the text config's max_position_embeddings), truncated, and no attention mask."""
+  if tokenizer.pad_token_id is None:
+    raise ValueError("the tokenizer has no pad token: SigLIP pads every text to max_length")
+  ids = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length)[
+    "input_ids"
+  ]
+  return np.asarray(ids, np.int32)
 
 
 # --- export ---

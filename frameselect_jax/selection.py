@@ -5,7 +5,9 @@ Three strategies, all pure JAX, jit-able with a static k and vmap-able over a ba
   top_k       the k highest scores
   nms_greedy  the paper's greedy non-maximum suppression: take the best frame,
               suppress its temporal neighbours, repeat k times
-and `random_k`, k valid frames drawn at random from a PRNG key (a baseline),
+and `random_k`, k valid frames drawn at random from a PRNG key (a baseline), and
+`frame_difference_scores`, a question-blind score (how much a candidate differs from the one
+before it) that top_k turns into the pixel-difference keyframe baseline,
 
 and the two measures of a selection against the candidates that matter (`relevant`):
   recall_at_k  the share of the relevant candidates chosen, out of as many as k picks can hold
@@ -143,6 +145,24 @@ def random_k(valid, k: int, key):
     keys = jax.random.split(key, valid.shape[0])
     return jax.vmap(lambda v, kk: random_k(v, k, kk))(valid, keys)
   return top_k(jax.random.uniform(key, valid.shape), valid, k)
+
+
+def frame_difference_scores(frames, valid) -> np.ndarray:
+  """float32[n]: each valid candidate's mean absolute pixel difference from the valid
+  candidate before it (the first valid one scores as much as the largest, so a video's
+  opening is kept), -inf on padding. Question-blind: top_k of it keeps the frames where the
+  video changes most, as redundancy pruning does (ViLaMP, VideoLLaMA3)."""
+  frames = np.asarray(frames)
+  valid = np.asarray(valid, bool)
+  scores = np.full(len(valid), -np.inf, np.float32)
+  order = np.flatnonzero(valid)
+  if len(order) == 0:
+    return scores
+  pixels = frames[order].astype(np.float32).reshape(len(order), -1)
+  change = np.abs(np.diff(pixels, axis=0)).mean(axis=1) if len(order) > 1 else np.zeros(0)
+  scores[order[1:]] = change
+  scores[order[0]] = change.max() if len(change) else 0.0
+  return scores
 
 
 _STRATEGY_FNS = {"uniform": uniform, "top_k": top_k, "nms_greedy": nms_greedy}

@@ -63,12 +63,12 @@ def test_a_needle_run_resumed_after_an_interruption_writes_every_report(
   with pytest.raises(KeyboardInterrupt):
     harness.run(config)
   partial = read_jsonl(tmp_path / "resumed" / "results.jsonl")
-  assert 0 < len(partial) < 12 * 4 * 3
+  assert 0 < len(partial) < 12 * 5 * 3
   monkeypatch.setattr(downstream.NeedleDownstream, "answer", real)
   out = harness.run(config)
   results = read_jsonl(os.path.join(out, "results.jsonl"))
   keys = [(r["qid"], r["strategy"], r["k"]) for r in results]
-  assert len(keys) == len(set(keys)) == 12 * 4 * 3  # questions x strategies x ks
+  assert len(keys) == len(set(keys)) == 12 * 5 * 3  # questions x strategies x ks
   expected = {
     (r["qid"], r["strategy"], r["k"]): r["correct"] for r in read_jsonl(f"{whole}/results.jsonl")
   }
@@ -76,7 +76,7 @@ def test_a_needle_run_resumed_after_an_interruption_writes_every_report(
   # The selection file is valid, written for every (question, strategy, k), and the answers
   # were given exactly those frames.
   selections = selection_file.read(os.path.join(out, "selections.jsonl"))
-  assert len(selections) == 12 * 4 * 3
+  assert len(selections) == 12 * 5 * 3
   frames = {(s["qid"], s["strategy"], s["k"]): len(s["indices"]) for s in selections}
   assert all(frames[r["qid"], r["strategy"], r["k"]] == r["frames"] for r in results)
   # report.json: the numbers are the results' own.
@@ -89,9 +89,10 @@ def test_a_needle_run_resumed_after_an_interruption_writes_every_report(
     assert row["items"] == 12 and row["scorable"] == 12
     assert set(row["breakdown"]["color"]) <= set(synthetic.NEEDLE_COLORS)
   paired = {(p["strategy"], p["k"]) for p in report["paired"]}
-  assert paired == {(s, k) for s in ("random", "top_k", "nms_greedy") for k in (1, 2, 4)}
+  others = ("random", "pixel_diff", "top_k", "nms_greedy")
+  assert paired == {(s, k) for s in others for k in (1, 2, 4)}
   assert report["selection_file_sha256"] and report["versions"]["jax"]
-  assert report["config"]["strategies"] == "uniform,random,top_k,nms_greedy"
+  assert report["config"]["strategies"] == "uniform,random,pixel_diff,top_k,nms_greedy"
   markdown = open(os.path.join(out, "report.md")).read()
   assert re.search(r"\| nms_greedy \| 4 \| [\d.]+ \|", markdown) and "McNemar" in markdown
   from PIL import Image

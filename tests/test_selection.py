@@ -243,3 +243,16 @@ def test_random_k_is_seeded_sorted_unique_and_valid():
   for row, v in zip(a, valid):
     check_well_formed(row, v, 5)
   assert list(a[2]) == [0, 1, 2, -1, -1]
+
+
+def test_frame_difference_scores_by_hand():
+  frames = np.zeros((5, 2, 2, 3), np.uint8)
+  frames[1] = 10  # +10 from frame 0
+  frames[2] = 10  # no change
+  frames[3] = 40  # +30
+  valid = np.array([True, True, True, True, False])
+  scores = selection.frame_difference_scores(frames, valid)
+  np.testing.assert_allclose(scores[:4], [30, 10, 0, 30])  # the first scores as the largest
+  assert scores[4] == -np.inf
+  picks = np.asarray(selection.top_k(scores, valid, 2))
+  assert picks.tolist() == [0, 3]

@@ -37,8 +37,9 @@ def base(benchmark: str, root: str = "", split: str = "") -> ml_collections.Conf
   c.output = f"eval_out/{benchmark}"
   c.seed = 0
   c.progress = True
-  # uniform, random, top_k, nms_greedy (selector scores), file:<selection file>
-  c.strategies = "uniform,random,top_k,nms_greedy"
+  # uniform, random, pixel_diff (question-blind keyframes), top_k, nms_greedy (selector
+  # scores), file:<selection file>
+  c.strategies = "uniform,random,pixel_diff,top_k,nms_greedy"
   c.ks = (8, 16, 32)
   c.num_candidates = 128  # the selector's n; every strategy picks from the same candidates
 

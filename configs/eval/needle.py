@@ -16,9 +16,8 @@ def get_config(arg=None):
   c.ks = (1, 2, 4, 8)
   c.selector.checkpoint = args.checkpoint
   c.selector.random = args.random
-  c.strategies = (
-    "uniform,random,top_k,nms_greedy" if (args.checkpoint or args.random) else "uniform,random"
-  )
+  blind = "uniform,random,pixel_diff"  # what needs no selector
+  c.strategies = f"{blind},top_k,nms_greedy" if (args.checkpoint or args.random) else blind
   c.decode.image_size = 64  # the videos' own size
   c.downstream.kind = "needle_reader"
   c.downstream.concurrency = 1

@@ -1,14 +1,25 @@
-"""SigLIP vision tower (SiglipVisionModel without its pooling head) in Flax NNX.
+"""SigLIP in Flax NNX: the vision tower, its attention-pooling head, the text tower and the
+image-text pair (transformers' SiglipModel).
 
-Module tree follows transformers' `vision_model.*`: embeddings.{patch_embedding,
+The selector uses `SiglipVisionModel`: the vision tower without its pooling head (patch
+tokens, pooled to g x g by the selector). `SiglipVisionModelWithHead` adds the head, and
+`SiglipModel` pairs it with `SiglipTextModel` for image-text similarity.
+
+Module trees follow transformers' names. Vision (`vision_model.*`): embeddings.{patch_embedding,
 position_embedding}, encoder.layers[i].{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2,
-mlp.{fc1, fc2}}, post_layernorm. Images are NHWC, already normalised to [-1, 1].
+mlp.{fc1, fc2}}, post_layernorm, and with the head head.{probe, attention.{in_proj, out_proj},
+layernorm, mlp.{fc1, fc2}} (in_proj is torch MultiheadAttention's packed in_proj_weight /
+in_proj_bias, q | k | v). Text (`text_model.*`): embeddings.{token_embedding,
+position_embedding}, the same encoder layers, final_layer_norm, head. Images are NHWC, already
+normalised to [-1, 1]. Both towers' encoder parameters carry the vision_* logical axes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -43,6 +54,53 @@ class SiglipVisionConfig:
       )
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; known: {sorted(ACTIVATIONS)}")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipTextConfig:
+  """transformers' SiglipTextConfig; the defaults are so400m-patch14-384's text tower."""
+
+  vocab_size: int = 32000
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_hidden_layers: int = 27
+  num_attention_heads: int = 16
+  max_position_embeddings: int = 64
+  layer_norm_eps: float = 1e-6
+  hidden_act: str = "gelu_pytorch_tanh"
+  projection_size: int | None = None  # the head's output width; None: hidden_size (as HF)
+
+  def __post_init__(self):
+    if self.projection_size is None:
+      object.__setattr__(self, "projection_size", self.hidden_size)
+
+  def validate(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+        f"text hidden_size {self.hidden_size} not divisible by "
+        f"num_attention_heads {self.num_attention_heads}"
+      )
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; known: {sorted(ACTIVATIONS)}")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipConfig:
+  """transformers' SiglipConfig: a vision and a text tower whose embeddings are compared."""
+
+  vision: SiglipVisionConfig = SiglipVisionConfig()
+  text: SiglipTextConfig = SiglipTextConfig()
+
+  def validate(self):
+    self.vision.validate()
+    self.text.validate()
+    if self.text.projection_size != self.vision.hidden_size:
+      raise ValueError(
+        f"text projection_size {self.text.projection_size} differs from the vision "
+        f"hidden_size {self.vision.hidden_size}: image and text embeddings cannot be compared"
+      )
     return self
 
 
@@ -84,7 +142,7 @@ class SiglipVisionEmbeddings(nnx.Module):
 
 
 class SiglipAttention(nnx.Module):
-  def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs):
+  def __init__(self, cfg: SiglipVisionConfig | SiglipTextConfig, *, dtype, rngs):
     d = cfg.hidden_size
     self.num_heads, self.head_dim = cfg.num_attention_heads, d // cfg.num_attention_heads
     self.q_proj = Dense(d, d, axes=("vision_embed", "vision_heads"), dtype=dtype, rngs=rngs)
@@ -92,10 +150,12 @@ class SiglipAttention(nnx.Module):
     self.v_proj = Dense(d, d, axes=("vision_embed", "vision_heads"), dtype=dtype, rngs=rngs)
     self.out_proj = Dense(d, d, axes=("vision_heads", "vision_embed"), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
+    """mask: bool broadcastable to (b, 1, s, s); None attends everywhere (bidirectional)."""
     b, s, d = x.shape
     split = lambda t: t.reshape(b, s, self.num_heads, self.head_dim)
-    mask = jnp.ones((1, 1, s, s), dtype=bool)  # bidirectional
+    if mask is None:
+      mask = jnp.ones((1, 1, s, s), dtype=bool)
     out = dot_product_attention(
       split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask
     )
@@ -103,7 +163,7 @@ class SiglipAttention(nnx.Module):
 
 
 class SiglipMLP(nnx.Module):
-  def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs):
+  def __init__(self, cfg: SiglipVisionConfig | SiglipTextConfig, *, dtype, rngs):
     self.act = ACTIVATIONS[cfg.hidden_act]
     self.fc1 = Dense(
       cfg.hidden_size,
@@ -125,20 +185,20 @@ class SiglipMLP(nnx.Module):
 
 
 class SiglipEncoderLayer(nnx.Module):
-  def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs):
+  def __init__(self, cfg: SiglipVisionConfig | SiglipTextConfig, *, dtype, rngs):
     eps, d = cfg.layer_norm_eps, cfg.hidden_size
     self.layer_norm1 = LayerNorm(d, eps=eps, dtype=dtype)
     self.self_attn = SiglipAttention(cfg, dtype=dtype, rngs=rngs)
     self.layer_norm2 = LayerNorm(d, eps=eps, dtype=dtype)
     self.mlp = SiglipMLP(cfg, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
-    x = x + self.self_attn(self.layer_norm1(x))
+  def __call__(self, x, mask=None):
+    x = x + self.self_attn(self.layer_norm1(x), mask)
     return x + self.mlp(self.layer_norm2(x))
 
 
 class SiglipEncoder(nnx.Module):
-  def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs):
+  def __init__(self, cfg: SiglipVisionConfig | SiglipTextConfig, *, dtype, rngs):
     self.layers = nnx.List(
       [SiglipEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
     )
@@ -164,6 +224,160 @@ class SiglipVisionModel(nnx.Module):
     for layer in self.encoder.layers:
       x = nnx.remat(lambda layer, x: layer(x))(layer, x) if self.remat else layer(x)
     return self.post_layernorm(x)
+
+
+class SiglipPoolingAttention(nnx.Module):
+  """torch.nn.MultiheadAttention as the pooling head uses it (batch first, no dropout).
+
+  in_proj packs the q, k and v projections (kernel (D, 3D) = HF's in_proj_weight transposed).
+  """
+
+  def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs):
+    d = cfg.hidden_size
+    self.num_heads, self.head_dim = cfg.num_attention_heads, d // cfg.num_attention_heads
+    self.in_proj = Dense(d, 3 * d, axes=("vision_embed", "vision_heads"), dtype=dtype, rngs=rngs)
+    self.out_proj = Dense(d, d, axes=("vision_heads", "vision_embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, query, x):
+    """query (b, s, D) attends over x (b, t, D)."""
+    (b, s, d), t = query.shape, x.shape[1]
+    q = self.in_proj(query)[..., :d].reshape(b, s, self.num_heads, self.head_dim)
+    k, v = jnp.split(self.in_proj(x)[..., d:], 2, axis=-1)
+    split = lambda u: u.reshape(b, t, self.num_heads, self.head_dim)
+    out = dot_product_attention(q, split(k), split(v), jnp.ones((1, 1, s, t), dtype=bool))
+    return self.out_proj(out.reshape(b, s, d))
+
+
+class SiglipMultiheadAttentionPoolingHead(nnx.Module):
+  """A learned probe attends over the patch tokens; then a residual MLP: (b, t, D) -> (b, D)."""
+
+  def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs):
+    self.dtype = dtype
+    self.probe = param(normal_init(rngs, (1, 1, cfg.hidden_size)), (None, None, "vision_embed"))
+    self.attention = SiglipPoolingAttention(cfg, dtype=dtype, rngs=rngs)
+    self.layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+    self.mlp = SiglipMLP(cfg, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    probe = jnp.broadcast_to(self.probe[...].astype(self.dtype), (x.shape[0], 1, x.shape[2]))
+    x = self.attention(probe, x)
+    x = x + self.mlp(self.layernorm(x))
+    return x[:, 0]
+
+
+class SiglipVisionModelWithHead(SiglipVisionModel):
+  """The vision tower with its attention-pooling head (HF's vision_use_head=True).
+
+  Calling it gives the last hidden state, as SiglipVisionModel does; `pooled` gives HF's
+  pooler_output (what SiglipModel.get_image_features returns)."""
+
+  def __init__(self, cfg: SiglipVisionConfig, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+    super().__init__(cfg, dtype=dtype, remat=remat, rngs=rngs)
+    self.head = SiglipMultiheadAttentionPoolingHead(cfg, dtype=dtype, rngs=rngs)
+
+  def pooled(self, images):
+    """images (b, H, W, C) in [-1, 1] -> (b, D), not normalised."""
+    return self.head(self(images))
+
+
+class SiglipTextEmbeddings(nnx.Module):
+  def __init__(self, cfg: SiglipTextConfig, *, dtype, rngs):
+    self.max_positions = cfg.max_position_embeddings
+    self.token_embedding = Embed(
+      cfg.vocab_size, cfg.hidden_size, axes=("vocab", "vision_embed"), dtype=dtype, rngs=rngs
+    )
+    self.position_embedding = Embed(
+      cfg.max_position_embeddings,
+      cfg.hidden_size,
+      axes=(None, "vision_embed"),
+      dtype=dtype,
+      rngs=rngs,
+    )
+
+  def __call__(self, ids):
+    s = ids.shape[1]
+    if s > self.max_positions:
+      raise ValueError(
+        f"text of {s} tokens is longer than max_position_embeddings {self.max_positions}"
+      )
+    x = self.token_embedding(ids)
+    return x + self.position_embedding.embedding[:s].astype(x.dtype)
+
+
+class SiglipTextModel(nnx.Module):
+  """transformers' SiglipTextModel: token ids (b, s) -> last hidden state (b, s, D) after
+  final_layer_norm; `pooled` is HF's pooler_output: the LAST position's state through `head`
+  (SigLIP's tokenizer pads to max_length, so that position may be padding, as in HF).
+
+  attention_mask (b, s), 1 for real tokens, hides padded keys as HF's bidirectional mask does;
+  SigLIP was trained without one (None)."""
+
+  def __init__(self, cfg: SiglipTextConfig, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+    self.config = cfg.validate()
+    self.remat = remat
+    self.embeddings = SiglipTextEmbeddings(cfg, dtype=dtype, rngs=rngs)
+    self.encoder = SiglipEncoder(cfg, dtype=dtype, rngs=rngs)
+    self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+    self.head = Dense(
+      cfg.hidden_size, cfg.projection_size, axes=("vision_embed", None), dtype=dtype, rngs=rngs
+    )
+
+  def __call__(self, ids, attention_mask=None):
+    if ids.ndim != 2:
+      raise ValueError(f"expected token ids (batch, length), got shape {ids.shape}")
+    mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+    x = self.embeddings(ids)
+    for layer in self.encoder.layers:
+      if self.remat:
+        x = nnx.remat(lambda layer, x, mask: layer(x, mask))(layer, x, mask)
+      else:
+        x = layer(x, mask)
+    return self.final_layer_norm(x)
+
+  def pooled(self, ids, attention_mask=None):
+    """(b, projection_size), not normalised."""
+    return self.head(self(ids, attention_mask)[:, -1])
+
+
+def _l2_normalize(x):
+  x = x.astype(jnp.float32)
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class SiglipModel(nnx.Module):
+  """transformers' SiglipModel: vision_model (with its head), text_model, logit_scale, logit_bias.
+
+  image_embeds and text_embeds are the towers' pooled outputs, not normalised (HF's
+  get_image_features / get_text_features); the logits compare their L2-normalised forms:
+  logits[i, j] = <img_i, txt_j> * exp(logit_scale) + logit_bias, and sigmoid(logits) is
+  SigLIP's probability that text j matches image i."""
+
+  def __init__(self, cfg: SiglipConfig, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+    self.config = cfg.validate()
+    self.vision_model = SiglipVisionModelWithHead(cfg.vision, dtype=dtype, remat=remat, rngs=rngs)
+    self.text_model = SiglipTextModel(cfg.text, dtype=dtype, remat=remat, rngs=rngs)
+    # The SigLIP paper's initialisation: temperature 10, bias -10.
+    self.logit_scale = param(jnp.full((1,), math.log(10.0)), (None,))
+    self.logit_bias = param(jnp.full((1,), -10.0), (None,))
+
+  def image_embeds(self, pixels):
+    """pixels (b, H, W, C) in [-1, 1] -> (b, D)."""
+    return self.vision_model.pooled(pixels)
+
+  def text_embeds(self, ids, attention_mask=None):
+    """token ids (b, s) -> (b, D)."""
+    return self.text_model.pooled(ids, attention_mask)
+
+  def logits(self, image_embeds, text_embeds):
+    """(n_images, D), (n_texts, D) embeddings -> (n_images, n_texts) logits, float32."""
+    sims = jnp.matmul(
+      _l2_normalize(image_embeds), _l2_normalize(text_embeds).T, precision=jax.lax.Precision.HIGHEST
+    )
+    return sims * jnp.exp(self.logit_scale[...][0]) + self.logit_bias[...][0]
+
+  def logits_per_image(self, pixels, ids, attention_mask=None):
+    """(n_images, n_texts): HF SiglipModel(...).logits_per_image."""
+    return self.logits(self.image_embeds(pixels), self.text_embeds(ids, attention_mask))
 
 
 def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
