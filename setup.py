@@ -23,6 +23,7 @@ CORE = [
   "matplotlib==3.11.2",
   "pillow==13.0.0",  # thumbnails and JPEG frames in records
   "pyarrow==26.0.1",  # Video-MME's annotation file is parquet (frameselect_jax/videoqa.py)
+  "sentencepiece==0.2.3",  # SigLIP's own tokenizer (the text tower of the similarity peers)
   "openai==3.57.0",  # the OpenAI-compatible backend (frameselect_jax/mllm.py): vLLM, SGLang, ...
 ]
 EXTRAS = {

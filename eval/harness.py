@@ -33,7 +33,8 @@ from eval import answers, downstream
 from frameselect_jax import errors, jsonl, selection, selection_file, video, videoqa
 
 SELECTOR_STRATEGIES = ("top_k", "nms_greedy")
-BLIND_STRATEGIES = ("uniform", "random", "pixel_diff")  # pixel_diff: question-blind keyframes
+SIGLIP_STRATEGIES = ("siglip_top_k", "siglip_nms", "bolt", "aks")
+GENS_STRATEGIES = ("gens_top_k", "gens_nms")
 STATUS_OK, STATUS_MISSING, STATUS_UNDECODABLE = "ok", "missing_video", "undecodable"
 
 
@@ -48,7 +49,7 @@ def parse_strategies(names) -> list[str]:
   names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
   if not names:
     raise EvalConfigError("strategies is empty")
-  known = (*BLIND_STRATEGIES, *SELECTOR_STRATEGIES)
+  known = ("uniform", "random", *SCORED_STRATEGIES)
   for name in names:
     if name not in known and not name.startswith("file:"):
       raise EvalConfigError(
@@ -121,6 +122,35 @@ def make_downstream(config):
   )
 
 
+def make_siglip(config):
+  from frameselect_jax import similarity
+
+  if not config.similarity.siglip_dir:
+    raise EvalConfigError(
+      "siglip_top_k, siglip_nms, bolt and aks need similarity.siglip_dir (a Hugging Face "
+      "SiglipModel directory: the text tower and the pooling head)"
+    )
+  try:
+    return similarity.SiglipScorer(
+      config.similarity.siglip_dir, batch_size=config.similarity.batch_size
+    )
+  except (OSError, ValueError) as e:
+    raise EvalConfigError(f"similarity.siglip_dir: {errors.one_line(e, limit=300)}") from None
+
+
+def make_gens(config):
+  from frameselect_jax import mllm
+
+  g = config.gens
+  if not g.base_url or not g.model:
+    raise EvalConfigError(
+      "gens_top_k and gens_nms need gens.base_url and gens.model (GenS's server)"
+    )
+  return mllm.OpenAIBackend(
+    g.base_url, g.model, g.api_key or None, timeout_s=g.timeout_s, retries=g.retries
+  )
+
+
 def make_judge(config):
   j = config.judge
   if not j.base_url:
@@ -157,45 +187,127 @@ def random_pick(valid, k, seed, qid):
   return np.asarray(selection.random_k(valid, k, key))
 
 
-def select_all(item, candidates, strategies, ks, selector, external, config):
-  """{(strategy, k): (indices, scores or None, seconds)} for this item."""
+# strategy -> (where its scores come from, how it picks k of them); uniform and random need
+# no scores, file:<path> strategies read a selection file.
+SCORED_STRATEGIES = {
+  "pixel_diff": ("pixels", "top_k"),
+  "top_k": ("selector", "top_k"),
+  "nms_greedy": ("selector", "nms_greedy"),
+  "siglip_top_k": ("siglip", "top_k"),
+  "siglip_nms": ("siglip", "nms_greedy"),
+  "bolt": ("siglip", "bolt"),
+  "aks": ("siglip", "aks"),
+  "gens_top_k": ("gens", "top_k"),
+  "gens_nms": ("gens", "nms_greedy"),
+}
+
+
+class Scorers:
+  """The per-candidate scores each source gives an item, computed once per item."""
+
+  def __init__(self, config, selector=None, siglip=None, gens=None):
+    self.config, self.selector, self.siglip, self.gens = config, selector, siglip, gens
+
+  def __call__(self, source, item, candidates):
+    """(scores float[n] or None, a fallback reason or None)."""
+    if source == "pixels":
+      return selection.frame_difference_scores(candidates.frames, candidates.valid), None
+    if source == "selector":
+      from frameselect_jax import text
+
+      entry = self.selector.visual_tokens(
+        item.video, self.config.num_candidates, span=item.span, frame_rate=item.frame_rate
+      )
+      if not np.array_equal(entry.valid, candidates.valid):
+        raise EvalConfigError(f"{item.qid}: the selector's candidates differ from the harness's")
+      return self.selector.score([entry], [text.question_prompt(item.question, item.options)])[
+        0
+      ], None
+    if source == "siglip":
+      query = item.question
+      if self.config.similarity.with_options and item.options:
+        query += " " + " ".join(item.options)
+      return self.siglip.scores(
+        candidates.frames, candidates.valid, query, key=(item.video, item.span)
+      ), None
+    return self.gens_scores(item, candidates)
+
+  def gens_scores(self, item, candidates):
+    """GenS names the helpful frames of the numbered candidates; an answer that cannot be read
+    falls back to uniform picks (the reason is recorded and counted, never silent)."""
+    from frameselect_jax import peers
+
+    valid = np.flatnonzero(candidates.valid)
+    parts = []
+    for i in valid:
+      parts += [f"[{int(i)}]", candidates.frames[i]]
+    parts.append(f"Question: {item.question}\n{peers.GENS_INSTRUCTION}")
+    try:
+      reply = self.gens.ask(parts, max_tokens=self.config.gens.max_tokens)
+      relevance = peers.parse_gens(reply, len(candidates.valid))
+    except (ValueError, mllm_errors()) as e:
+      return None, f"uniform: GenS's answer could not be used ({errors.one_line(e)})"
+    if not relevance:
+      return None, "uniform: GenS named no frame"
+    return peers.gens_scores(relevance, len(candidates.valid)), None
+
+
+def mllm_errors():
+  from frameselect_jax import mllm
+
+  return mllm.BackendError
+
+
+def pick(method, scores, valid, k, config):
+  from frameselect_jax import peers
+
+  if method == "bolt":
+    return peers.bolt(scores, valid, k, power=config.peers.bolt_power)
+  if method == "aks":
+    return peers.aks(
+      scores, valid, k, threshold=config.peers.aks_threshold, depth=config.peers.aks_depth
+    )
+  return np.asarray(selection.select(method, scores, valid, k))
+
+
+def select_all(item, candidates, strategies, ks, scorers, external, config):
+  """{(strategy, k): (indices, scores or None, seconds, fallback or None)} for this item. A
+  score source's time is shared by the (strategy, k) pairs that use it."""
   out = {}
   valid = candidates.valid
-  scores, score_seconds = None, 0.0
-  if selector is not None and any(s in SELECTOR_STRATEGIES for s in strategies):
-    start = time.perf_counter()
-    entry = selector.visual_tokens(
-      item.video, config.num_candidates, span=item.span, frame_rate=item.frame_rate
-    )
-    from frameselect_jax import text
-
-    prompt = text.question_prompt(item.question, item.options)
-    scores = selector.score([entry], [prompt])[0]
-    if not np.array_equal(entry.valid, valid):
-      raise EvalConfigError(f"{item.qid}: the selector's candidates differ from the harness's")
-    score_seconds = time.perf_counter() - start
-  scored_pairs = sum(1 for s in strategies if s in SELECTOR_STRATEGIES) * len(ks)
+  sources = {}  # source -> (scores, fallback, seconds, pairs using it)
+  for strategy in strategies:
+    if strategy in SCORED_STRATEGIES:
+      source = SCORED_STRATEGIES[strategy][0]
+      if source not in sources:
+        start = time.perf_counter()
+        scores, fallback = scorers(source, item, candidates)
+        sources[source] = [scores, fallback, time.perf_counter() - start, 0]
+      sources[source][3] += len(ks)
   for strategy in strategies:
     for k in ks:
       start = time.perf_counter()
+      scores = fallback = share = None
       if strategy.startswith("file:"):
         record = external.get((item.qid, k))
         if record is None:
           continue  # reported: the file has no selection for this question and k
-        picks, strategy_scores = np.asarray(record["indices"], np.int64), None
+        picks = np.asarray(record["indices"], np.int64)
       elif strategy == "random":
-        picks, strategy_scores = random_pick(valid, k, config.seed, item.qid), None
+        picks = random_pick(valid, k, config.seed, item.qid)
       elif strategy == "uniform":
-        picks, strategy_scores = np.asarray(selection.uniform(valid, k)), None
-      elif strategy == "pixel_diff":
-        strategy_scores = selection.frame_difference_scores(candidates.frames, valid)
-        picks = np.asarray(selection.top_k(strategy_scores, valid, k))
+        picks = np.asarray(selection.uniform(valid, k))
       else:
-        picks, strategy_scores = np.asarray(selection.select(strategy, scores, valid, k)), scores
+        source, method = SCORED_STRATEGIES[strategy]
+        scores, fallback, seconds, users = sources[source]
+        share = seconds / users
+        if scores is None:  # the source failed for this item: uniform, and the reason recorded
+          picks = np.asarray(selection.uniform(valid, k))
+        else:
+          picks = pick(method, scores, valid, k, config)
       picks = picks[picks >= 0]
-      seconds = time.perf_counter() - start  # and its share of the scoring, which they share
-      seconds += score_seconds / scored_pairs if strategy in SELECTOR_STRATEGIES else 0.0
-      out[(strategy, k)] = (picks, strategy_scores, seconds)
+      seconds = time.perf_counter() - start + (share or 0.0)
+      out[(strategy, k)] = (picks, scores, seconds, fallback)
   return out
 
 
@@ -276,6 +388,10 @@ def run(config, shard=(0, 1)) -> str:
         raise EvalConfigError(f"strategy {name}: {errors.one_line(e)}") from None
       external[name] = {(r["qid"], r["k"]): r for r in records}
   selector = make_selector(config) if any(s in SELECTOR_STRATEGIES for s in strategies) else None
+  siglip = make_siglip(config) if any(s in SIGLIP_STRATEGIES for s in strategies) else None
+  gens = make_gens(config) if any(s in GENS_STRATEGIES for s in strategies) else None
+  scorers = Scorers(config, selector, siglip, gens)
+  external_picks = _external_for(external)
   os.makedirs(out, exist_ok=True)
   model = make_downstream(config)
   cache = downstream.ResponseCache(os.path.join(out, "cache") if config.downstream.cache else None)
@@ -395,26 +511,35 @@ def run(config, shard=(0, 1)) -> str:
         bar.update(1)
         continue
       selecting = time.perf_counter()
-      picks = select_all(
-        item, candidates, strategies, ks, selector, _external_for(external), config
-      )
+      # What a resumed run selected already is reused as it is (no second GenS call).
+      unmade = [s for s in strategies if any((item.qid, s, k) not in made for k in ks)]
+      picked = select_all(item, candidates, unmade, ks, scorers, external_picks, config)
       new = [
-        selection_record(item, candidates, s, k, p, sc)
-        for (s, k), (p, sc, _) in picks.items()
+        {
+          **selection_record(item, candidates, s, k, p, sc),
+          "select_s": seconds,
+          **({"fallback": fallback} if fallback else {}),
+        }
+        for (s, k), (p, sc, seconds, fallback) in picked.items()
         if (item.qid, s, k) not in made
       ]
       clock["selecting"] += time.perf_counter() - selecting
       selection_lines.write(selection_file.check(r) for r in new)
+      chosen_of = {(r["strategy"], r["k"]): r for r in new}
+      chosen_of.update(
+        {(s, k): made[item.qid, s, k] for s, k in wanted if (item.qid, s, k) in made}
+      )
       for strategy, k in todo(item):
-        if (strategy, k) not in picks:
+        record = chosen_of.get((strategy, k))
+        if record is None:
           line = {**base, "strategy": strategy, "k": k, "status": "no selection"}
           result_lines.write([{**line, "correct": False, "scorable": False, "parsed": False}])
           answered.update(1)
           continue
-        chosen = np.asarray(
-          made.get((item.qid, strategy, k), {}).get("indices", picks[strategy, k][0])
-        )
-        line = {**base, "select_s": picks[strategy, k][2]}
+        line = {**base, "select_s": record.get("select_s", 0.0)}
+        if record.get("fallback"):
+          line["fallback"] = record["fallback"]
+        chosen = np.asarray(record["indices"], np.int64)
         answering.append(
           answer_pool.submit(answer_one, item, strategy, k, chosen, candidates, line)
         )

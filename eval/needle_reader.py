@@ -37,7 +37,8 @@ class NeedleReader:
     color_tolerance: a pixel is of the asked colour when its RGB distance to it is below this
       (needle colours are >= 190 apart, backgrounds >= 140 from every needle colour).
     min_area_fraction: the fewest pixels of that colour, as a fraction of the frame, for a
-      frame to show the card (a card covers about 1/9 of the frame).
+      frame to show the card (about 1/9 at the default card_fraction 0.34; keep it under a
+      card's share, e.g. 0.01 for card_fraction >= 0.15).
   """
 
   def __init__(self, seed: int = 0, color_tolerance: float = 80.0, min_area_fraction: float = 0.01):

@@ -89,6 +89,8 @@ def summarize(results: list[dict], baseline: str, resamples: int, seed: int) -> 
       "undecodable": sum(1 for x in lines if str(x.get("status", "")).startswith("undecodable")),
       "unparseable": len(unparseable),
       "unparseable_qids": unparseable,
+      # A score source that failed (GenS's answer unreadable): uniform picks instead.
+      "fallbacks": sum(1 for x in lines if x.get("fallback")),
       "all": _interval(correct, resamples, seed),
       "over_scorable": _interval(correct[scorable], resamples, seed),
       "cost": {
@@ -186,6 +188,10 @@ def markdown(summary: dict, meta: dict) -> str:
       ]
       lines += ["|---|---|---|"]
       lines += [f"| {v} | {_pct(x['accuracy'])} | {x['items']} |" for v, x in values.items()]
+  fallbacks = [r for r in summary["table"] if r["fallbacks"]]
+  if fallbacks:
+    lines += ["", "## Fallbacks (the strategy's scores failed; uniform picks were answered)", ""]
+    lines += [f"- {r['strategy']} k={r['k']}: {r['fallbacks']} questions" for r in fallbacks]
   unparseable = [
     (r["strategy"], r["k"], q) for r in summary["table"] for q in r["unparseable_qids"]
   ]

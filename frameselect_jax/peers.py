@@ -1,6 +1,7 @@
 """Published frame selectors to compare against (peers): BOLT, AKS and GenS's answer format.
 
-Plain numpy, one call per video. `bolt` and `aks` follow selection.py's conventions:
+Plain numpy, one call per video. `bolt` and `aks` follow selection.py's conventions (and its
+check of k):
   * inputs: scores float[n] (e.g. query-frame similarity), valid bool[n] (False marks padding),
     k a Python int with 1 <= k <= n.
   * output: int32[k] candidate indices, ascending, unique, all valid. When fewer than k
@@ -33,17 +34,9 @@ import re
 
 import numpy as np
 
+from frameselect_jax.selection import check_k
+
 # --- shared helpers ---
-
-
-def _check_k(k, n: int) -> None:
-  """k must be a Python int in [1, n] (the same rule and messages as selection.py)."""
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-    raise TypeError(f"k must be a Python int, got {type(k).__name__}")
-  if k < 1:
-    raise ValueError(f"k must be >= 1, got {k}")
-  if k > n:
-    raise ValueError(f"k={k} is larger than the number of candidates n={n}")
 
 
 def _valid_scores(scores, valid, k):
@@ -54,7 +47,7 @@ def _valid_scores(scores, valid, k):
   scores = np.asarray(scores, np.float64)
   if scores.shape != valid.shape:
     raise ValueError(f"scores {scores.shape} and valid {valid.shape} must have the same shape")
-  _check_k(k, valid.shape[0])
+  check_k(k, valid.shape[0])
   index = np.flatnonzero(valid)
   values = scores[index]
   values[np.isnan(values)] = -np.inf

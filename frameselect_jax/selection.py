@@ -32,8 +32,9 @@ import numpy as np
 STRATEGIES = ("uniform", "top_k", "nms_greedy")
 
 
-def _check_k(k, n: int) -> None:
-  """k must be a Python int in [1, n]; these checks run at trace time (k is static)."""
+def check_k(k, n: int) -> None:
+  """k must be a Python int in [1, n]; these checks run at trace time (k is static). The
+  peers (peers.py) check their k with it too."""
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
     raise TypeError(f"k must be a Python int, got {type(k).__name__}")
   if k < 1:
@@ -54,7 +55,7 @@ def _check_inputs(scores, valid, k):
     if scores.shape != valid.shape:
       raise ValueError(f"scores {scores.shape} and valid {valid.shape} must have the same shape")
     scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-  _check_k(k, valid.shape[0])
+  check_k(k, valid.shape[0])
   return scores, valid
 
 
@@ -241,7 +242,7 @@ def nms_greedy_reference(scores, valid, k: int) -> np.ndarray:
   """
   scores = np.asarray(scores, np.float32).copy()
   valid = np.asarray(valid, bool)
-  _check_k(k, len(valid))
+  check_k(k, len(valid))
   scores[np.isnan(scores)] = -np.inf
   available = valid.copy()
   gap = int(valid.sum()) // (4 * k)

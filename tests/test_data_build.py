@@ -28,6 +28,18 @@ def tiny_config(tmp_path, **changes):
   return c
 
 
+def generic_config(tmp_path):
+  """A build of tmp_path/train.jsonl (the generic format) with tmp_path/labels.jsonl."""
+  return tiny_config(
+    tmp_path,
+    benchmark="jsonl",
+    root=str(tmp_path),
+    splits=("train",),
+    labels=str(tmp_path / "labels.jsonl"),
+    generate_needle=False,
+  )
+
+
 def work_records(work_dir, split):
   out = {}
   for name in sorted(os.listdir(os.path.join(work_dir, split))):
@@ -129,14 +141,7 @@ def test_skipped_items_are_reported_with_their_reasons(tmp_path, capsys):
     {"benchmark": "jsonl", "qid": q, "labels": [0.5] * N} for q in ("ok", "gone", "empty")
   ] + [{"qid": "short", "labels": [0.5] * 3}]
   (tmp_path / "labels.jsonl").write_text("".join(json.dumps(line) + "\n" for line in labels))
-  config = tiny_config(
-    tmp_path,
-    benchmark="jsonl",
-    root=str(tmp_path),
-    splits=("train",),
-    labels=str(tmp_path / "labels.jsonl"),
-    generate_needle=False,
-  )
+  config = generic_config(tmp_path)
   result = build.build(config)
   reasons = {s["qid"]: s["reason"] for s in result["splits"]["train"]["skipped"]}
   assert result["splits"]["train"]["records"] == 1
@@ -210,14 +215,7 @@ def test_a_training_run_reads_the_dataset_jpeg_and_visual_tokens(built, tmp_path
 def test_a_split_with_every_item_skipped_is_an_error_naming_the_report(tmp_path):
   (tmp_path / "train.jsonl").write_text('{"qid": "1", "video": "gone.mp4", "question": "Q?"}\n')
   (tmp_path / "labels.jsonl").write_text('{"qid": "1", "labels": [0.5]}\n')
-  config = tiny_config(
-    tmp_path,
-    benchmark="jsonl",
-    root=str(tmp_path),
-    splits=("train",),
-    labels=str(tmp_path / "labels.jsonl"),
-    generate_needle=False,
-  )
+  config = generic_config(tmp_path)
   with pytest.raises(build.BuildError, match=r"split train has no records: .*report\.json"):
     build.build(config)
 
@@ -230,14 +228,7 @@ def test_items_added_later_reach_the_dataset(tmp_path):
   labels = "".join(json.dumps({"qid": q, "labels": [0.25] * N}) + "\n" for q in "abc")
   (tmp_path / "labels.jsonl").write_text(labels)
   (tmp_path / "train.jsonl").write_text(line("a"))
-  config = tiny_config(
-    tmp_path,
-    benchmark="jsonl",
-    root=str(tmp_path),
-    splits=("train",),
-    labels=str(tmp_path / "labels.jsonl"),
-    generate_needle=False,
-  )
+  config = generic_config(tmp_path)
   first = build.build(config)
   assert len(input_pipeline.TfdsSource(first["dataset"], "train", first["data_dir"])) == 1
   (tmp_path / "train.jsonl").write_text(line("a") + line("b") + line("c"))

@@ -411,3 +411,126 @@ def test_end_to_end_through_transformers_serve(tmp_path):
   with open(f"{out}/report.json") as f:
     row = json.load(f)["table"][0]
   assert row["unparseable"] == (0 if result["parsed"] else 1)
+
+
+def _generic_items(tmp_path, count=2):
+  synthetic.needle_video(tmp_path / "clip.mp4", num_frames=16, fps=8, size=64, seed=0)
+  lines = [
+    {"qid": str(i), "video": "clip.mp4", "question": "Which?", "options": ["x", "y"], "answer": "y"}
+    for i in range(count)
+  ]
+  (tmp_path / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  c = eval_base.base("jsonl", root=str(tmp_path))
+  c.output, c.ks, c.num_candidates = str(tmp_path / "out"), (2,), 8
+  c.decode.image_size, c.progress, c.report.resamples = 32, False, 200
+  return c
+
+
+def test_gens_names_frames_through_a_server_and_falls_back_when_unreadable(tmp_path):
+  from frameselect_jax import peers
+
+  answers = {"0": '```json\n{"3": 5, "4-5": 4}\n```', "1": "I would look at the middle."}
+
+  def reply(request):
+    content = request["messages"][0]["content"]
+    text = content[-1]["text"]
+    if peers.GENS_INSTRUCTION in text:  # GenS: numbered candidates, then the question
+      assert [p["text"] for p in content if p["type"] == "text"][:2] == ["[0]", "[1]"]
+      return answers[fake.current]
+    return "(B)"
+
+  fake = FakeServer(image_answer=reply)
+  c = _generic_items(tmp_path)
+  c.strategies = "uniform,gens_top_k,gens_nms"
+  with serve(fake) as url:
+    c.downstream.openai.base_url, c.downstream.openai.model = url, "fake-vlm"
+    c.gens.base_url, c.gens.model = url, "fake-gens"
+    fake.current = "0"
+    items = videoqa.load("jsonl", str(tmp_path))
+    # One question at a time, so the fake knows which answer GenS gives.
+    c.root = str(tmp_path / "one.jsonl")
+    (tmp_path / "one.jsonl").write_text(json.dumps(items[0].to_json()) + "\n")
+    harness.run(c)
+    fake.current = "1"
+    (tmp_path / "one.jsonl").write_text(json.dumps({**items[1].to_json(), "qid": "1"}) + "\n")
+    second = harness.run(c)
+  picks = {(s["qid"], s["strategy"]): s for s in selection_file.read(f"{second}/selections.jsonl")}
+  assert picks["0", "gens_top_k"]["indices"] == [3, 4]  # 5, then 4 and 4: the earlier
+  assert picks["0", "gens_nms"]["indices"] == [3, 5]  # 4 is within n // (4k) = 1 of 3
+  assert picks["1", "gens_top_k"]["fallback"].startswith("uniform: GenS's answer could not be used")
+  assert picks["1", "gens_top_k"]["indices"] == picks["1", "uniform"]["indices"]
+  with open(f"{second}/report.json") as f:
+    rows = {(r["strategy"], r["k"]): r for r in json.load(f)["table"]}
+  assert rows["gens_top_k", 2]["fallbacks"] == 1 and rows["uniform", 2]["fallbacks"] == 0
+  assert "Fallbacks" in open(f"{second}/report.md").read()
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+  """A tiny random SiglipModel directory with a word-level tokenizer."""
+  from test_siglip_similarity import MAX_LEN, _save_random_siglip_model
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  directory = str(tmp_path_factory.mktemp("siglip_pair"))
+  _save_random_siglip_model(directory)
+  words = ["<pad>", "<s>", "</s>", "<unk>", "which", "?", "x", "y", "red", "card"]
+  raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  raw.pre_tokenizer = pre_tokenizers.Whitespace()
+  PreTrainedTokenizerFast(
+    tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>"
+  ).save_pretrained(directory)
+  assert MAX_LEN == 16
+  return directory
+
+
+def test_siglip_scores_are_the_models_logits_and_frame_embeddings_are_cached(siglip_dir):
+  import jax.numpy as jnp
+
+  from frameselect_jax import hf, similarity, video
+
+  scorer = similarity.SiglipScorer(siglip_dir, batch_size=4)
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, (6, 28, 28, 3), dtype=np.uint8)
+  valid = np.array([True] * 5 + [False])
+  scores = scorer.scores(frames, valid, "which red card ?", key="v")
+  model = hf.load_siglip_model(siglip_dir)
+  ids = hf.siglip_text_ids(hf.load_tokenizer(siglip_dir), ["which red card ?"], 16)
+  expected = np.asarray(
+    model.logits_per_image(jnp.asarray(video.normalize(frames[:5])), jnp.asarray(ids))
+  )[:, 0]
+  np.testing.assert_allclose(scores[:5], expected, atol=1e-5)
+  assert scores[5] == -np.inf
+  scorer.scores(frames, valid, "which card ?", key="v")  # another question, same candidates
+  assert scorer.image_calls == 1
+
+
+def test_similarity_peers_through_the_harness(siglip_dir, tmp_path):
+  from frameselect_jax import peers
+
+  fake = FakeServer(image_answer=lambda request: "(B)")
+  c = _generic_items(tmp_path)
+  c.strategies = "uniform,siglip_top_k,siglip_nms,bolt,aks"
+  c.ks = (2, 4)
+  c.similarity.siglip_dir = siglip_dir
+  with serve(fake) as url:
+    c.downstream.openai.base_url, c.downstream.openai.model = url, "fake-vlm"
+    out = harness.run(c)
+  records = selection_file.read(f"{out}/selections.jsonl")
+  assert {r["strategy"] for r in records} == {
+    "uniform",
+    "siglip_top_k",
+    "siglip_nms",
+    "bolt",
+    "aks",
+  }
+  for r in records:
+    if r["strategy"] in ("bolt", "aks"):
+      scores = np.array([-np.inf if s is None else s for s in r["scores"]], np.float32)
+      valid = np.array([s is not None for s in r["scores"]])
+      expected = (peers.bolt if r["strategy"] == "bolt" else peers.aks)(scores, valid, r["k"])
+      assert r["indices"] == [int(i) for i in expected if i >= 0]
+  with open(f"{out}/report.json") as f:
+    rows = json.load(f)["table"]
+  assert all(row["all"]["accuracy"] == 1.0 for row in rows)  # every answer is (B), the right one
+  assert all(row["cost"]["select_ms"] >= 0 for row in rows)

@@ -156,6 +156,24 @@ def runner_config(root, output, url="", **changes):
   return c
 
 
+def label_command(root, output, url, *changes):
+  """`python -m data.label` over the needle benchmark against the fake server at url."""
+  return [
+    sys.executable,
+    "-m",
+    "data.label",
+    "--config=configs/label.py:benchmark=needle,split=train",
+    f"--config.label.root={root}",
+    f"--config.label.output={output}",
+    f"--config.label.num_candidates={N}",
+    f"--config.label.image_size={SIZE}",
+    f"--config.label.openai.base_url={url}",
+    "--config.label.openai.model=fake-vlm",
+    "--config.label.progress=False",
+    *changes,
+  ]
+
+
 def read_lines(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
@@ -207,19 +225,7 @@ def test_a_labelling_run_killed_with_sigkill_loses_and_duplicates_nothing(needle
   output = tmp_path / "labels.jsonl"
   fake = FakeServer(delay_s=0.05)
   with serve(fake) as url:
-    command = [
-      sys.executable,
-      "-m",
-      "data.label",
-      "--config=configs/label.py:benchmark=needle,split=train",
-      f"--config.label.root={needle}",
-      f"--config.label.output={output}",
-      f"--config.label.num_candidates={N}",
-      f"--config.label.image_size={SIZE}",
-      f"--config.label.openai.base_url={url}",
-      "--config.label.openai.model=fake-vlm",
-      "--config.label.progress=False",
-    ]
+    command = label_command(needle, output, url)
     proc = subprocess.Popen(
       command, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -313,20 +319,7 @@ def test_too_many_failures_exit_non_zero(needle, tmp_path):
   output = tmp_path / "labels.jsonl"
   with serve(FakeServer(faults=["garbage"] * 1000)) as url:
     proc = subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "data.label",
-        "--config=configs/label.py:benchmark=needle,split=train",
-        f"--config.label.root={needle}",
-        f"--config.label.output={output}",
-        f"--config.label.num_candidates={N}",
-        f"--config.label.image_size={SIZE}",
-        f"--config.label.openai.base_url={url}",
-        "--config.label.openai.model=fake-vlm",
-        "--config.label.kinds=temporal",
-        "--config.label.progress=False",
-      ],
+      label_command(needle, output, url, "--config.label.kinds=temporal"),
       cwd=REPO,
       env=env(),
       capture_output=True,

@@ -62,6 +62,8 @@ def test_reads_the_card_when_a_frame_shows_it(benchmarks, size):
   rng = np.random.default_rng(size)
   results = {}
   for name, items in benchmarks.items():
+    if size == 384 and name != "64px":  # the largest upscale (6x) is enough, and slow to decode
+      continue
     for item in items:
       cands, shown, hidden = split_candidates(item, size)
       assert len(shown) > 0, item.qid

@@ -37,8 +37,9 @@ def base(benchmark: str, root: str = "", split: str = "") -> ml_collections.Conf
   c.output = f"eval_out/{benchmark}"
   c.seed = 0
   c.progress = True
-  # uniform, random, pixel_diff (question-blind keyframes), top_k, nms_greedy (selector
-  # scores), file:<selection file>
+  # uniform, random, pixel_diff (question-blind keyframes), top_k and nms_greedy (the
+  # selector's scores), siglip_top_k, siglip_nms, bolt and aks (SigLIP question-frame
+  # similarity), gens_top_k and gens_nms (GenS through a server), file:<selection file>
   c.strategies = "uniform,random,pixel_diff,top_k,nms_greedy"
   c.ks = (8, 16, 32)
   c.num_candidates = 128  # the selector's n; every strategy picks from the same candidates
@@ -67,6 +68,19 @@ def base(benchmark: str, root: str = "", split: str = "") -> ml_collections.Conf
   c.downstream.max_tokens = 32
   c.downstream.concurrency = 4  # answers in flight
   c.downstream.cache = True  # answers on disk, keyed by model, prompt and frames
+
+  c.similarity = ml_collections.ConfigDict()
+  c.similarity.siglip_dir = ""  # a Hugging Face SiglipModel directory (both towers)
+  c.similarity.with_options = True  # the query is the question and its options
+  c.similarity.batch_size = 32  # frames per image-tower call
+
+  c.peers = ml_collections.ConfigDict()
+  c.peers.bolt_power = 3.0  # BOLT's scripts: 3 (2.5 on LongVideoBench)
+  c.peers.aks_threshold = 0.8  # AKS's defaults
+  c.peers.aks_depth = 5
+
+  c.gens = server()  # GenS (a small video LLM naming relevant frames), OpenAI-compatible
+  c.gens.max_tokens = 256
 
   c.judge = server()  # open-ended answers: an LLM judge (yes/no and 0-5)
 
