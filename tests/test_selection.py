@@ -256,3 +256,18 @@ def test_frame_difference_scores_by_hand():
   assert scores[4] == -np.inf
   picks = np.asarray(selection.top_k(scores, valid, 2))
   assert picks.tolist() == [0, 3]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 12), st.integers(0, 2**31 - 1))
+def test_pixel_difference_keyframes_follow_the_conventions(n, k_seed, seed):
+  rng = np.random.default_rng(seed)
+  frames = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+  valid = rng.random(n) < 0.8
+  k = 1 + k_seed % n
+  picks = np.asarray(selection.top_k(selection.frame_difference_scores(frames, valid), valid, k))
+  chosen = picks[picks >= 0]
+  assert len(chosen) == min(k, int(valid.sum()))
+  assert np.all(np.diff(chosen) > 0) and np.all(valid[chosen])
+  again = selection.top_k(selection.frame_difference_scores(frames, valid), valid, k)
+  np.testing.assert_array_equal(picks, np.asarray(again))
