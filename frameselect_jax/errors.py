@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 
 INPUT_ERROR_STATUS = 2
 
@@ -90,8 +91,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def write_atomically(path: str, text: str) -> None:
-  """Writes a whole file or none: a temporary file beside it, then a rename."""
-  tmp = f"{path}.tmp-{os.getpid()}"
+  """Writes a whole file or none: a temporary file beside it (named by process and thread, so
+  two writers of one path never share it), then a rename."""
+  tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
   try:
     with open(tmp, "w") as f:
       f.write(text)
