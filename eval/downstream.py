@@ -2,7 +2,8 @@
 
 - `ModelDownstream` over a `frameselect_jax.mllm` backend: an OpenAI-compatible server
   (vLLM, SGLang, a hosted API) or a local transformers Qwen2-VL. The frames go in temporal
-  order, each after a line with its timestamp ("Frame 3 at 12.5 s:"); with `number_frames`
+  order, each after a line with its timestamp ("Frame 3 at 12.5 s:"), or, to a local
+  Qwen2-VL with `as_video`, as one video input with the timestamps in the text; with `number_frames`
   the index and time are also drawn onto the frame ("Number it", for models that ignore text
   timestamps). The prompt is the benchmark's template.
 - `NeedleDownstream`: the synthetic benchmark's pixel reader (eval/needle_reader.py).
@@ -83,21 +84,40 @@ class ResponseCache:
 class ModelDownstream:
   """A multimodal LLM behind a `frameselect_jax.mllm` backend."""
 
-  def __init__(self, backend, name, template, open_template, *, number_frames=False, max_tokens=32):
+  def __init__(
+    self,
+    backend,
+    name,
+    template,
+    open_template,
+    *,
+    number_frames=False,
+    max_tokens=32,
+    as_video=False,
+  ):
     self.backend, self.name = backend, name
     self.templates = {True: template, False: open_template}  # by: has options
-    self.template = f"{template}|{open_template}|numbered={number_frames}"  # the cache key's
     self.number_frames, self.max_tokens = number_frames, max_tokens
+    # A local Qwen2-VL takes the frames as one video (its video input), timestamps in the text.
+    self.as_video = as_video and hasattr(backend, "ask_video")
+    # What the cache key says of how the model is asked.
+    self.template = f"{template}|{open_template}|numbered={number_frames}|video={self.as_video}"
 
   def answer(self, frames, timestamps, question, options) -> dict:
     """{"text", "prompt_tokens", "completion_tokens"} for frames in temporal order."""
-    parts = []
-    for i, (frame, t) in enumerate(zip(frames, timestamps)):
-      parts.append(f"Frame {i + 1} at {t:.1f} s:")
-      parts.append(number_frame(frame, i + 1, t) if self.number_frames else frame)
-    parts.append(render_prompt(self.templates[bool(options)], question, options))
     before = self.backend.usage.as_dict()
-    text = self.backend.ask(parts, max_tokens=self.max_tokens)
+    shown = [
+      number_frame(f, i + 1, t) if self.number_frames else f
+      for i, (f, t) in enumerate(zip(frames, timestamps))
+    ]
+    prompt = render_prompt(self.templates[bool(options)], question, options)
+    if self.as_video:
+      text = self.backend.ask_video(shown, timestamps, prompt, max_tokens=self.max_tokens)
+    else:
+      parts = []
+      for i, (frame, t) in enumerate(zip(shown, timestamps)):
+        parts += [f"Frame {i + 1} at {t:.1f} s:", frame]
+      text = self.backend.ask([*parts, prompt], max_tokens=self.max_tokens)
     after = self.backend.usage.as_dict()
     return {
       "text": text,

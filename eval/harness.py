@@ -119,6 +119,7 @@ def make_downstream(config):
     d.open_template,
     number_frames=d.number_frames,
     max_tokens=d.max_tokens,
+    as_video=d.kind == "transformers" and d.transformers.as_video,
   )
 
 

@@ -408,6 +408,65 @@ class TransformersBackend:
     self.usage.add(prompt_tokens=int(inputs["input_ids"].numel()), completion_tokens=len(new))
     return self.tokenizer.decode(new, skip_special_tokens=True)
 
+  def video_inputs(self, frames) -> dict:
+    """Qwen2-VL's video inputs for frames uint8[T, H, W, 3] (one size), made with its image
+    processor: each frame resized and normalised as an image, then consecutive frames paired
+    along the temporal patch (the last repeated when T is odd), exactly as its video
+    processor lays them out. (That processor needs torchvision, which the image processor
+    does not.) Returns pixel_values_videos (grid_t * grid_h * grid_w, C * tps * p * p) and
+    video_grid_thw [[grid_t, grid_h, grid_w]]."""
+    import torch
+
+    ip = self.processor.image_processor
+    tps, p = ip.temporal_patch_size, ip.patch_size
+    frames = [np.asarray(f, np.uint8) for f in frames]
+    if len(frames) % tps:
+      frames += [frames[-1]] * (tps - len(frames) % tps)
+    images = ip(images=frames, return_tensors="np")
+    grids = images["image_grid_thw"]
+    if len({tuple(g) for g in grids.tolist()}) != 1:
+      raise ValueError("the frames of one video must share a size")
+    _, grid_h, grid_w = (int(v) for v in grids[0])
+    per_frame = images["pixel_values"].reshape(len(frames), grid_h * grid_w, -1, tps, p, p)
+    first_slice = per_frame[:, :, :, 0]  # an image repeats itself along the temporal patch
+    grid_t = len(frames) // tps
+    pairs = first_slice.reshape(grid_t, tps, grid_h * grid_w, -1, p, p).transpose(0, 2, 3, 1, 4, 5)
+    return {
+      "pixel_values_videos": torch.as_tensor(pairs.reshape(grid_t * grid_h * grid_w, -1)),
+      "video_grid_thw": torch.as_tensor([[grid_t, grid_h, grid_w]]),
+    }
+
+  def ask_video(self, frames, timestamps, prompt, *, max_tokens: int = 64, deadline=None) -> str:
+    """One answer to a video (the frames, in temporal order, passed as Qwen2-VL's video input)
+    and a prompt that starts with the frames' timestamps."""
+    import torch
+
+    _check_deadline(deadline)
+    video = self.video_inputs(frames)
+    stamps = ", ".join(f"{t:.1f}" for t in timestamps)
+    content = [
+      {"type": "video"},
+      {"type": "text", "text": f"The video's frames are at {stamps} seconds.\n{prompt}"},
+    ]
+    text = self.processor.apply_chat_template(
+      [{"role": "user", "content": content}], add_generation_prompt=True
+    )
+    pad = "<|video_pad|>"
+    merge = self.processor.image_processor.merge_size
+    count = int(video["video_grid_thw"].prod()) // merge**2
+    if text.count(pad) != 1:
+      raise errors.InputError(f"{self.name}: its chat template has no {pad} for a video")
+    inputs = self.tokenizer([text.replace(pad, pad * count)], return_tensors="pt")
+    ids = inputs["input_ids"]
+    inputs["mm_token_type_ids"] = 2 * (ids == self.tokenizer.convert_tokens_to_ids(pad)).long()
+    inputs = {**inputs, **video}
+    inputs = {k: v.to(self.device) for k, v in inputs.items()}
+    with torch.no_grad():
+      generated = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    new = generated[0, ids.shape[1] :]
+    self.usage.add(prompt_tokens=int(ids.numel()), completion_tokens=len(new))
+    return self.tokenizer.decode(new, skip_special_tokens=True)
+
   def chat(self, messages, *, max_tokens: int = 256, deadline=None) -> str:
     import torch
 

@@ -369,21 +369,42 @@ def test_the_response_cache_answers_a_rerun(tmp_path):
   assert cache.key("other", "p", frames, [1.0]) != key
 
 
-def test_the_local_transformers_adapter_answers(tmp_path):
+@pytest.fixture(scope="module")
+def qwen2vl(tmp_path_factory):
   from tiny_vlm import image_only_processor_class, save_tiny_qwen2vl
 
-  path = save_tiny_qwen2vl(str(tmp_path / "qwen2vl"))
-  backend = mllm.TransformersBackend(
-    path, processor=image_only_processor_class().from_pretrained(path)
-  )
+  path = save_tiny_qwen2vl(str(tmp_path_factory.mktemp("qwen2vl")))
+  processor = image_only_processor_class().from_pretrained(path)
+  return mllm.TransformersBackend(path, processor=processor)
+
+
+def test_the_local_qwen2vl_gets_the_frames_as_a_video(qwen2vl):
+  rng = np.random.default_rng(0)
+  a, b, c = (rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(3))
+  image_processor = qwen2vl.processor.image_processor
+  as_image = lambda f: image_processor(images=[f], return_tensors="np")["pixel_values"]
+  # A still video (one frame twice) is laid out exactly as that frame as an image...
+  still = qwen2vl.video_inputs([a, a])
+  np.testing.assert_array_equal(still["pixel_values_videos"].numpy(), as_image(a))
+  assert still["video_grid_thw"].tolist() == [[1, 4, 4]]
+  # ...and a moving one pairs consecutive frames along the temporal patch (the last repeated).
+  moving = qwen2vl.video_inputs([a, b, c])
+  assert moving["video_grid_thw"].tolist() == [[2, 4, 4]]
+  patches = moving["pixel_values_videos"].numpy().reshape(2, 16, 3, 2, 14, 14)
+  single = lambda f: as_image(f).reshape(16, 3, 2, 14, 14)[:, :, 0]
+  for t, (first, second) in enumerate(((a, b), (c, c))):
+    np.testing.assert_array_equal(patches[t, :, :, 0], single(first))
+    np.testing.assert_array_equal(patches[t, :, :, 1], single(second))
   model = downstream.ModelDownstream(
-    backend, "tiny", eval_base.MULTIPLE_CHOICE, eval_base.OPEN_ENDED, max_tokens=4
+    qwen2vl, "tiny", eval_base.MULTIPLE_CHOICE, eval_base.OPEN_ENDED, max_tokens=4, as_video=True
   )
-  frames = [
-    np.random.default_rng(i).integers(0, 256, (56, 56, 3), dtype=np.uint8) for i in range(3)
-  ]
-  reply = model.answer(frames, [0.0, 1.0, 2.0], "Which?", ["a", "b"])
+  reply = model.answer([a, b, c], [0.0, 1.0, 2.0], "Which?", ["x", "y"])
   assert isinstance(reply["text"], str) and reply["prompt_tokens"] > 0
+  # 2 x 4 x 4 patches merged 2 x 2: 8 video tokens, and the timestamps in the text.
+  as_images = downstream.ModelDownstream(
+    qwen2vl, "tiny", eval_base.MULTIPLE_CHOICE, eval_base.OPEN_ENDED, max_tokens=4
+  ).answer([a, b, c], [0.0, 1.0, 2.0], "Which?", ["x", "y"])
+  assert isinstance(as_images["text"], str) and as_images["prompt_tokens"] > 0
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ CHAT_TEMPLATE = (
   "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
   "{% for part in message['content'] %}"
   "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+  "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
   "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
   "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

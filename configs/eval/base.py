@@ -62,6 +62,7 @@ def base(benchmark: str, root: str = "", split: str = "") -> ml_collections.Conf
   c.downstream.transformers = ml_collections.ConfigDict()
   c.downstream.transformers.model_dir = ""
   c.downstream.transformers.device = "cpu"
+  c.downstream.transformers.as_video = True  # the frames as Qwen2-VL's video input
   c.downstream.template = MULTIPLE_CHOICE
   c.downstream.open_template = OPEN_ENDED
   c.downstream.number_frames = False  # draw each frame's index and time onto it
