@@ -161,7 +161,7 @@ LIFETIME_S = 600
 
 
 @contextlib.contextmanager
-def transformers_serve(model_dir, timeout=90):
+def transformers_serve(model_dir, timeout=90, trust_remote_code=False):
   """Starts `transformers serve model_dir` on 127.0.0.1, yields (base_url, model_name), and stops
   it (it also stops by itself after LIFETIME_S).
 
@@ -182,6 +182,8 @@ def transformers_serve(model_dir, timeout=90):
     )
     cli = os.path.join(os.path.dirname(sys.executable), "transformers")
     serve = [cli, "serve", model_dir, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
+    if trust_remote_code:  # a model directory with its own processor code (tiny_vlm.make_servable)
+      serve.append("--trust-remote-code")
     cmd = ["timeout", str(LIFETIME_S), *serve]  # it stops by itself, even if the test dies
     log_path = os.path.join(tmp, "server.log")
     with open(log_path, "w") as log:

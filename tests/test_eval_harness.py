@@ -409,9 +409,11 @@ def test_the_local_qwen2vl_gets_the_frames_as_a_video(qwen2vl):
 
 @pytest.mark.slow
 def test_end_to_end_through_transformers_serve(tmp_path):
-  """A tiny random LLaVA (transformers serve cannot process a Qwen2-VL here: its video
-  processor needs torchvision), served on loopback, answering through the harness."""
-  from serve_fixture import save_tiny_llava, transformers_serve
+  """A tiny random Qwen2-VL served on loopback by `transformers serve` (its processor as the
+  model directory's own code: the stock one needs torchvision here), answering through the
+  harness."""
+  from serve_fixture import transformers_serve
+  from tiny_vlm import make_servable, save_tiny_qwen2vl
 
   synthetic.needle_video(tmp_path / "clip.mp4", num_frames=16, fps=8, size=64, seed=0)
   lines = [
@@ -420,9 +422,10 @@ def test_end_to_end_through_transformers_serve(tmp_path):
   (tmp_path / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
   c = eval_base.base("jsonl", root=str(tmp_path))
   c.output, c.strategies, c.ks, c.num_candidates = str(tmp_path / "out"), "uniform", (2,), 8
-  c.decode.image_size, c.progress, c.report.resamples = 28, False, 200
+  c.decode.image_size, c.progress, c.report.resamples = 56, False, 200
   c.downstream.max_tokens = 6
-  with transformers_serve(save_tiny_llava(str(tmp_path / "llava"))) as (url, model):
+  model_dir = make_servable(save_tiny_qwen2vl(str(tmp_path / "qwen2vl")))
+  with transformers_serve(model_dir, trust_remote_code=True) as (url, model):
     c.downstream.openai.base_url, c.downstream.openai.model = url, model
     out = harness.run(c)
   (result,) = read_jsonl(f"{out}/results.jsonl")

@@ -24,6 +24,10 @@ Measured with transformers 5.23.0 and torch 2.13.0+cpu, torchvision not installe
 * A 56x56 image gives image_grid_thw [1, 4, 4]: 16 patches, 4 `<|image_pad|>` tokens; larger
   images are shrunk to at most 56*56 pixels.
 * "True", " True", "true", "False", " False", "false" are single tokens (`TRUE_FALSE`).
+* `make_servable(dir)` puts that image-only processor in the directory as its own code (an
+  auto_map in processor_config.json): `AutoProcessor.from_pretrained(dir,
+  trust_remote_code=True)` then loads it, and so does `transformers serve DIR
+  --trust-remote-code`, which serves the tiny Qwen2-VL on loopback.
 """
 
 import numpy as np
@@ -168,3 +172,36 @@ def image_only_processor_class():
       super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
   return ImageOnlyQwen2VLProcessor
+
+
+IMAGE_ONLY_PROCESSOR = '''
+from transformers import Qwen2VLProcessor
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+  """Qwen2VLProcessor without its video processor (which needs torchvision)."""
+
+  attributes = ["image_processor", "tokenizer"]
+
+  def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+    super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+'''
+
+
+def make_servable(path) -> str:
+  """Lets `AutoProcessor` (and so `transformers serve --trust-remote-code`) load the model
+  directory here: the image-only processor as the directory's own code (an auto_map)."""
+  import json
+  import os
+
+  with open(os.path.join(path, "processing_image_only.py"), "w") as f:
+    f.write(IMAGE_ONLY_PROCESSOR)
+  with open(os.path.join(path, "processor_config.json"), "w") as f:
+    json.dump(
+      {
+        "processor_class": "ImageOnlyQwen2VLProcessor",
+        "auto_map": {"AutoProcessor": "processing_image_only.ImageOnlyQwen2VLProcessor"},
+      },
+      f,
+    )
+  return str(path)
