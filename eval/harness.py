@@ -236,7 +236,7 @@ class Scorers:
   def gens_scores(self, item, candidates):
     """GenS names the helpful frames of the numbered candidates; an answer that cannot be read
     falls back to uniform picks (the reason is recorded and counted, never silent)."""
-    from frameselect_jax import peers
+    from frameselect_jax import mllm, peers
 
     valid = np.flatnonzero(candidates.valid)
     parts = []
@@ -246,17 +246,11 @@ class Scorers:
     try:
       reply = self.gens.ask(parts, max_tokens=self.config.gens.max_tokens)
       relevance = peers.parse_gens(reply, len(candidates.valid))
-    except (ValueError, mllm_errors()) as e:
+    except (ValueError, mllm.BackendError) as e:
       return None, f"uniform: GenS's answer could not be used ({errors.one_line(e)})"
     if not relevance:
       return None, "uniform: GenS named no frame"
     return peers.gens_scores(relevance, len(candidates.valid)), None
-
-
-def mllm_errors():
-  from frameselect_jax import mllm
-
-  return mllm.BackendError
 
 
 def pick(method, scores, valid, k, config):
@@ -379,20 +373,19 @@ def run(config, shard=(0, 1)) -> str:
     )
   except videoqa.AnnotationError as e:
     raise EvalConfigError(str(e)) from None
-  external = {}
+  external_picks = {}  # (qid, k) -> record, from the first selection file that has it
   for name in strategies:
     if name.startswith("file:"):
-      path = name[5:]
       try:
-        records = selection_file.read(path)
+        records = selection_file.read(name[5:])
       except (OSError, ValueError) as e:
         raise EvalConfigError(f"strategy {name}: {errors.one_line(e)}") from None
-      external[name] = {(r["qid"], r["k"]): r for r in records}
+      for r in records:
+        external_picks.setdefault((r["qid"], r["k"]), r)
   selector = make_selector(config) if any(s in SELECTOR_STRATEGIES for s in strategies) else None
   siglip = make_siglip(config) if any(s in SIGLIP_STRATEGIES for s in strategies) else None
   gens = make_gens(config) if any(s in GENS_STRATEGIES for s in strategies) else None
   scorers = Scorers(config, selector, siglip, gens)
-  external_picks = _external_for(external)
   os.makedirs(out, exist_ok=True)
   model = make_downstream(config)
   cache = downstream.ResponseCache(os.path.join(out, "cache") if config.downstream.cache else None)
@@ -586,15 +579,6 @@ def _add_to_report(out, values: dict):
     everything = json.load(f)
   everything.update(values)
   errors.write_atomically(path, json.dumps(everything, indent=1))
-
-
-def _external_for(external):
-  """One lookup over every file strategy: (qid, k) -> record (the first file that has it)."""
-  merged = {}
-  for records in external.values():
-    for key, record in records.items():
-      merged.setdefault(key, record)
-  return merged
 
 
 def _read(path):

@@ -27,9 +27,10 @@ class SiglipScorer:
     self.model = hf.load_siglip_model(directory)
     self.tokenizer = hf.load_tokenizer(directory)
     self.graphdef, self.state = nnx.split(self.model)
-    self.config = self.model.config if hasattr(self.model, "config") else None
-    self.image_size = hf.siglip_model_config(directory).vision.image_size
-    self.max_length = hf.siglip_model_config(directory).text.max_position_embeddings
+    config = hf.siglip_model_config(directory)
+    self.image_size = config.vision.image_size
+    self.max_length = config.text.max_position_embeddings
+    self.width = config.text.projection_size
     self.batch_size, self.cache_size = batch_size, cache_size
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self.image_calls = 0
@@ -59,7 +60,7 @@ class SiglipScorer:
       self._cache.move_to_end(key)
       return self._cache[key]
     resized = _resize(frames, self.image_size)
-    out = np.zeros((len(frames), self.model.text_model.config.projection_size), np.float32)
+    out = np.zeros((len(frames), self.width), np.float32)
     chosen = np.flatnonzero(np.asarray(valid, bool))
     for start in range(0, len(chosen), self.batch_size):
       rows = chosen[start : start + self.batch_size]
