@@ -24,13 +24,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 KS = (1, 2, 4, 8)
 
 
-def train_both_stages(head, root, needle_dir):
+def train_both_stages(head, root, needle_dir, config_arg="", stages=(1, 2)):
   from configs import needle
   from train import trainer
 
   times = {}
-  for stage in (1, 2):
-    config = needle.get_config(f"stage={stage},head={head}")
+  for stage in stages:
+    config = needle.get_config(",".join(filter(None, [f"stage={stage},head={head}", config_arg])))
     config.data.needle.dir = needle_dir
     config.log.progress = False
     if stage == 2:
@@ -101,8 +101,9 @@ def evaluate(selector, needle_dir, items, seed=0):
 
 def print_table(head, times, table, count):
   print(
-    f"\n### score head `{head}`: stage 1 {times[1]:.0f} s + stage 2 {times[2]:.0f} s = "
-    f"{times[1] + times[2]:.0f} s of training; {count} held-out questions\n"
+    f"\n### score head `{head}`: "
+    + " + ".join(f"stage {s} {t:.0f} s" for s, t in times.items())
+    + f" = {sum(times.values()):.0f} s of training; {count} held-out questions\n"
   )
   print("| strategy | " + " | ".join(f"recall@{k} | hit@{k}" for k in KS) + " |")
   print("|---|" + "---|---|" * len(KS))
@@ -115,6 +116,12 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--heads", default="frame_query,query_mlp")
   parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
+  parser.add_argument(
+    "--config_arg", default="", help="more configs/needle.py arguments: other_question_weight=1"
+  )
+  parser.add_argument(
+    "--stages", default="1,2", help="1 measures stage 1 alone (a quicker look, not the target)"
+  )
   args = parser.parse_args()
   from absl import flags
 
@@ -128,8 +135,9 @@ def main():
     print(f"{os.cpu_count()} CPU cores; runs in {root}", flush=True)
     for head in args.heads.split(","):
       print(f"training configs/needle.py with head={head}", flush=True)
-      times = train_both_stages(head, os.path.join(root, head), needle_dir)
-      selector = FrameSelector.from_checkpoint(os.path.join(root, head, "stage2"))
+      stages = tuple(int(s) for s in args.stages.split(","))
+      times = train_both_stages(head, os.path.join(root, head), needle_dir, args.config_arg, stages)
+      selector = FrameSelector.from_checkpoint(os.path.join(root, head, f"stage{stages[-1]}"))
       items = jsonl.read(os.path.join(needle_dir, "test.jsonl"))
       table = evaluate(selector, needle_dir, items)
       print_table(head, times, table, len(items))

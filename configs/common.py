@@ -74,7 +74,9 @@ def base(
   c.model.pool_grid = TOKENS_TO_GRID[tokens]
   c.model.dtype = "bfloat16"  # compute dtype; trainable params stay float32
   c.model.frozen_dtype = "bfloat16"  # storage of the frozen backbone (halves its memory)
-  c.model.remat = not tiny  # jax.checkpoint every transformer block
+  # Activation checkpointing per block: none, block, save_attn_mlp or save_projections
+  # (models/layers.py).
+  c.model.remat = "none" if tiny else "block"
   c.model.score_head = "query_mlp"
   # Causal attention: the Pallas flash kernel on TPU (auto), XLA's everywhere else.
   c.model.attention = "auto"  # auto | xla | flash
@@ -123,6 +125,13 @@ def base(
   c.train.eps = 1e-8
   c.train.grad_clip_norm = 1.0
   c.train.grad_accum_steps = 1
+  # Scale train.lr from the batch it was tuned at to data.global_batch_size: none (off),
+  # linear or sqrt (step.scaled_lr).
+  c.train.lr_scaling = "none"
+  c.train.lr_reference_batch = 0
+  # > 1: a candidate that another question about the video asks for (records'
+  # other_labels) weighs this much more as a negative; 1 is the paper's plain BCE.
+  c.train.other_question_weight = 1.0
   # Stage 1 alternates the two tasks batch by batch: instruction:importance batches.
   c.train.task_ratio = "1:1" if stage == 1 else "0:1"
   # Trainable top-level modules; stage 2 adds the LoRA adapters.

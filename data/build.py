@@ -25,6 +25,7 @@ answer not among the options, no label, an undecodable video), on the console an
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -346,8 +347,11 @@ class RecordsConfig(tfds.core.BuilderConfig):
 class FrameselectRecords(tfds.core.GeneratorBasedBuilder):
   """Training records of frameselect_jax (the schema of frameselect_jax/records.py)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First version."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "First version.",
+    "1.1.0": "other_labels: the candidates the video's other questions ask for.",
+  }
   # Nothing is downloaded. (Looking for a checksums file beside this module would need
   # importlib_resources, which tfds does not declare.)
   url_infos = None
@@ -365,7 +369,7 @@ class FrameselectRecords(tfds.core.GeneratorBasedBuilder):
       "timestamps": tfds.features.Tensor(shape=(n,), dtype=np.float32),
       "valid": tfds.features.Tensor(shape=(n,), dtype=np.bool_),
     }
-    for name in c.label_fields:
+    for name in (*c.label_fields, "other_labels"):
       features[name] = tfds.features.Tensor(shape=(n,), dtype=np.float32)
     if c.store == "jpeg":  # JPEG bytes per candidate, empty for padding
       features["video"] = tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))
@@ -387,14 +391,19 @@ class FrameselectRecords(tfds.core.GeneratorBasedBuilder):
 
     folder = os.path.join(self.builder_config.work_dir, split)
     fields = set(self._info().features.keys())
-    for name in sorted(os.listdir(folder)):
-      if not name.endswith(".array_record"):
-        continue
-      reader = ArrayRecordReader(os.path.join(folder, name))
-      for data in reader.read_all():
-        record = records.deserialize_record(data)
+
+    def in_order():
+      for name in sorted(os.listdir(folder)):
+        if name.endswith(".array_record"):
+          reader = ArrayRecordReader(os.path.join(folder, name))
+          yield from (records.deserialize_record(data) for data in reader.read_all())
+          reader.close()
+
+    # The questions of one video lie next to each other (order_by_video), across shards too:
+    # each video's records are read together to mark the candidates its other questions ask for.
+    for _, group in itertools.groupby(in_order(), key=lambda record: record["video_id"]):
+      for record in records.with_other_labels(list(group)):
         yield f"{record['benchmark']}/{record['qid']}", {k: record[k] for k in fields}
-      reader.close()
 
 
 def build(config) -> dict:

@@ -14,7 +14,7 @@ from flax import nnx
 
 from frameselect_jax import hf
 from frameselect_jax.models import presets
-from frameselect_jax.models.layers import add_lora
+from frameselect_jax.models.layers import add_lora, remat_policy_name
 from frameselect_jax.models.selector import DTYPES, Selector, SelectorConfig
 
 TOP_LEVEL = ("vision_tower", "projector", "llm", "score_query", "score_head")
@@ -26,7 +26,7 @@ MODEL_DEFAULTS = {
   "num_candidates": 128,
   "pool_grid": 3,
   "dtype": "float32",
-  "remat": False,
+  "remat": "none",
   "score_head": "query_mlp",
 }
 # Also in the model section, used elsewhere (storage of the frozen weights, the kernel).
@@ -54,7 +54,7 @@ def selector_config(model) -> SelectorConfig:
     num_candidates=m["num_candidates"],
     pool_grid=m["pool_grid"],
     dtype=m["dtype"],
-    remat=m["remat"],
+    remat=remat_policy_name(m["remat"]),
     score_head=m["score_head"],
   ).validate()
 

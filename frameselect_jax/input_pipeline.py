@@ -73,7 +73,8 @@ def needle_source(
 
   Each video's n candidates are decoded once through `video.decode_candidates`, as any
   user's video is, and shared by its questions; a question's labels are 1 on the candidates
-  that show its needle (the ground truth), 0 elsewhere.
+  that show its needle (the ground truth), 0 elsewhere; its `other_labels` mark the
+  candidates that show the video's other needles.
   """
   from tqdm import tqdm
 
@@ -101,7 +102,7 @@ def needle_source(
         "labels": synthetic.candidate_relevance(item.extra, candidates.frame_indices),
       }
     )
-  return InMemorySource(out)
+  return InMemorySource(records.with_other_labels(out))
 
 
 class TfdsSource:
@@ -150,6 +151,7 @@ class ExampleSpec:
     out = {
       "valid": ((n,), np.bool_),
       "labels": ((n,), np.float32),
+      "other_labels": ((n,), np.float32),
       "question_ids": ((self.max_question_length,), np.int32),
       "question_mask": ((self.max_question_length,), np.int32),
       "text_ids": ((self.max_instruction_length,), np.int32),
@@ -201,6 +203,7 @@ def make_example(
       raise ValueError(
         f"token id {max(tokens)} >= vocab_size {vocab_size}: the tokenizer does not match the LLM"
       )
+  other = record.get("other_labels", np.zeros(spec.num_candidates, np.float32))
   q_ids = np.zeros(spec.max_question_length, np.int32)
   q_ids[: len(question_tokens)] = question_tokens
   text = prompt + answer
@@ -211,6 +214,7 @@ def make_example(
   example = {
     "valid": valid,
     "labels": np.where(valid, np.asarray(record["labels"], np.float32), 0.0).astype(np.float32),
+    "other_labels": np.where(valid, np.asarray(other, np.float32), 0.0).astype(np.float32),
     "question_ids": q_ids,
     "question_mask": (np.arange(spec.max_question_length) < len(question_tokens)).astype(np.int32),
     "text_ids": t_ids,

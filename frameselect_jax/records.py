@@ -15,6 +15,9 @@ One record is one video-question pair:
   answer      str
   labels      float32[n] in [0, 1]: the combined pseudo-label (mean of the two below)
   spatial     float32[n], temporal float32[n]: optional, when known
+  other_labels  float32[n], optional: per candidate, the largest label among the other
+              questions about the same video and candidates (`with_other_labels`); what
+              `train.other_question_weight` reads
   qid, benchmark  str, optional: the question's id in its benchmark (`videoqa.Item`)
 
 Records are stored as msgpack bytes in array_record files (the format TFDS uses) and read
@@ -37,6 +40,7 @@ ARRAY_FIELDS = {
   "labels": np.float32,
   "spatial": np.float32,
   "temporal": np.float32,
+  "other_labels": np.float32,
 }
 
 
@@ -62,6 +66,29 @@ def check_record(record: dict, num_candidates: int) -> dict:
   if not np.any(record["valid"]):
     raise ValueError(f"record {record['video_id']!r} has no valid frame")
   return record
+
+
+def with_other_labels(group: Sequence[dict]) -> list[dict]:
+  """Copies of `group`'s records, each with `other_labels`: per candidate, the largest label
+  among the other records of the same video and candidate times. A candidate that another
+  question asks about but this one does not is a hard negative for this one. Records of
+  other videos (or other candidates of one video: another span) do not count, so `group`
+  may hold any records, in any order."""
+
+  def key(record):
+    times = np.asarray(record["timestamps"], np.float32)
+    return record["video_id"], times.tobytes()
+
+  by_key: dict = {}
+  for i, record in enumerate(group):
+    by_key.setdefault(key(record), []).append(i)
+  out = []
+  for i, record in enumerate(group):
+    others = [np.asarray(group[j]["labels"], np.float32) for j in by_key[key(record)] if j != i]
+    n = len(record["labels"])
+    other = np.max(others, axis=0) if others else np.zeros(n, np.float32)
+    out.append({**record, "other_labels": other.astype(np.float32)})
+  return out
 
 
 # --- Serialisation ---

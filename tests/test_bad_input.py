@@ -137,6 +137,16 @@ def _cases():
       ],
       "lacks fields ['question']",
     ),
+    (
+      "a hard-negative weight without other questions",
+      lambda i, o: [*STAGE1, f"--workdir={o}/run", "--config.train.other_question_weight=10"],
+      "the training records have no other_labels",
+    ),
+    (
+      "a learning-rate scaling without its reference batch",
+      lambda i, o: [*STAGE1, f"--workdir={o}/run", "--config.train.lr_scaling=sqrt"],
+      "needs train.lr_reference_batch >= 1",
+    ),
     ("unwritable workdir", lambda i, o: [*STAGE1, "--workdir=/proc/nope"], "/proc/nope"),
     (
       "workdir is a file",

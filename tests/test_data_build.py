@@ -75,9 +75,19 @@ def test_records_read_back_through_grain_equal_what_was_built(built):
     source = input_pipeline.TfdsSource(result["dataset"], split, result["data_dir"])
     read = list(grain.MapDataset.source(source).to_iter_dataset())
     assert len(read) == count
-    expected = work_records(work_dir, split)
+    # The dataset adds other_labels: what the video's other questions ask for. Shards of 5
+    # split the videos' 3 questions; the builder reads the videos whole across shards.
+    expected = {
+      r["qid"]: r for r in records.with_other_labels(list(work_records(work_dir, split).values()))
+    }
     for record in read:
       assert_same_record(record, expected[record["qid"]])
+      others = [r for r in read if r["video_id"] == record["video_id"] and r is not record]
+      assert len(others) == 2
+      np.testing.assert_array_equal(
+        record["other_labels"], np.maximum(others[0]["labels"], others[1]["labels"])
+      )
+    assert any(record["other_labels"].any() for record in read)
   # And the records are what the items say: the item's question, its candidates as JPEG,
   # labels the needle's ground truth.
   items = {i.qid: i for i in videoqa.load("needle", config.build.root, "train")}

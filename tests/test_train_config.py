@@ -45,7 +45,7 @@ def test_paper_configs_use_real_presets(spec, llm, tokens, stage):
   assert config.model.vision == "siglip-so400m-patch14-384"
   assert selector_cfg.tokens_per_frame == tokens and selector_cfg.num_candidates == 128
   assert selector_cfg.llm == presets.QWEN2[llm]
-  assert config.model.dtype == "bfloat16" and config.model.remat
+  assert config.model.dtype == "bfloat16" and config.model.remat == "block"
   if stage == 2:  # the paper: LoRA, importance only, lr 1e-5 with a cosine schedule, 5 epochs
     assert ratio == (0, 1) and config.train.lr == 1e-5
     assert config.train.schedule == "cosine" and config.train.epochs == 5

@@ -97,6 +97,42 @@ def test_cached_visual_tokens_give_the_same_loss_as_running_the_vit(float32_setu
     )
 
 
+def test_other_question_weight_multiplies_only_the_hard_negatives(float32_setup):
+  """BCE by hand: the negative part of a candidate that another question asks for (and this
+  one does not) counts w times; positives, other negatives and the normaliser do not change."""
+  config, graphdef, params, frozen, batch = float32_setup
+  model = step_lib.merge_model(graphdef, params, frozen)
+  batch = dict(batch)
+  valid = batch["valid"]
+  other = np.zeros_like(batch["labels"])
+  other[:, ::3] = 1.0  # made-up: every third candidate is another question's
+  batch["other_labels"] = other * valid
+  plain, count, logits = step_lib.importance_sums(model, batch)
+  weighted, count_w, _ = step_lib.importance_sums(model, batch, other_question_weight=5.0)
+  x, y = np.asarray(logits, np.float64), batch["labels"].astype(np.float64)
+  log_p, log_not_p = -np.logaddexp(0, -x), -np.logaddexp(0, x)
+  hard = np.maximum(batch["other_labels"] - y, 0)
+  expected = -(y * log_p + (1 + 4 * hard) * (1 - y) * log_not_p) * valid
+  assert float(weighted) == pytest.approx(expected.sum(), rel=1e-5)
+  assert float(plain) == pytest.approx((-(y * log_p + (1 - y) * log_not_p) * valid).sum(), rel=1e-5)
+  assert float(weighted) > float(plain) and float(count_w) == float(count)
+
+
+def test_the_learning_rate_scales_with_the_batch():
+  config = tiny()
+  assert step_lib.scaled_lr(config.train, 512) == config.train.lr  # off by default
+  config.train.lr, config.train.lr_reference_batch = 1e-4, 128
+  config.train.lr_scaling = "linear"
+  assert step_lib.scaled_lr(config.train, 512) == pytest.approx(4e-4)
+  config.train.lr_scaling = "sqrt"
+  assert step_lib.scaled_lr(config.train, 512) == pytest.approx(2e-4)
+  schedule = step_lib.make_schedule(config.train, 100, global_batch=512)
+  assert max(float(schedule(s)) for s in range(100)) == pytest.approx(2e-4, rel=1e-3)
+  config.train.lr_reference_batch = 0
+  with pytest.raises(ValueError, match="needs train.lr_reference_batch >= 1"):
+    step_lib.scaled_lr(config.train, 512)
+
+
 def test_gradient_accumulation_equals_one_big_batch(float32_setup):
   config, graphdef, params, frozen, batch = float32_setup
   batch = dict(batch, valid=batch["valid"].copy())

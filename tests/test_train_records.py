@@ -163,3 +163,26 @@ def test_training_with_grain_worker_processes_matches_in_process_loading(tmp_pat
     "configs/stage1.py:tiny", workers, "--config.train.num_steps=4", "--config.data.worker_count=2"
   )
   assert losses(workers) == losses(in_process) and len(losses(in_process)) == 4
+
+
+def test_other_labels_are_what_the_other_questions_of_the_same_video_ask_for():
+  times = np.arange(4, dtype=np.float32)
+
+  def record(video, labels, timestamps=times):
+    return {"video_id": video, "timestamps": timestamps, "labels": np.float32(labels)}
+
+  group = [
+    record("a", [1, 0, 0, 0]),
+    record("b", [0, 0, 0, 1]),  # another video: not counted for a
+    record("a", [0, 0.5, 0, 0]),
+    record("a", [0, 0.25, 0, 0.75]),
+    record("a", [0, 0, 1, 0], timestamps=times + 10),  # another span of a: other candidates
+  ]
+  out = records.with_other_labels(group)
+  np.testing.assert_array_equal(out[0]["other_labels"], [0, 0.5, 0, 0.75])
+  np.testing.assert_array_equal(out[2]["other_labels"], [1, 0.25, 0, 0.75])
+  np.testing.assert_array_equal(out[3]["other_labels"], [1, 0.5, 0, 0])
+  for alone in (1, 4):  # the only question of its video (and candidates)
+    np.testing.assert_array_equal(out[alone]["other_labels"], np.zeros(4))
+  assert all(o["labels"] is g["labels"] for o, g in zip(out, group))  # copies, labels kept
+  assert "other_labels" not in group[0]

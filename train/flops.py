@@ -6,6 +6,7 @@ the AOT report (`train/aot.py`) and the benchmarks use them.
 from __future__ import annotations
 
 from frameselect_jax.models.attention import attention_pairs
+from frameselect_jax.models.layers import remat_policy_name
 
 
 def _dense_flops(in_features, out_features):
@@ -106,7 +107,21 @@ def step_flops(config, selector_cfg, task, cached, attention="xla"):
     score_fwd = (n + 1) * _dense_flops(d, d) + 2 * n * d
   other = 3 * proj_fwd + 2 * head_fwd + 3 * score_fwd
   model = block_fwd + block_bwd + other
-  hardware = block_fwd_hw + block_bwd_hw + other + (block_fwd_hw if config.model.remat else 0)
+  remat = remat_policy_name(config.model.remat)
+  if remat == "block":
+    recompute = block_fwd_hw
+  elif remat == "save_attn_mlp":  # all but the o and down projections run again
+    d, q = llm.hidden_size, llm.num_attention_heads * llm.head_dim
+    kept = _dense_flops(q, d) + _dense_flops(llm.intermediate_size, d)
+    if lora_rank:
+      kept += _dense_flops(q, lora_rank) + _dense_flops(lora_rank, d)
+      kept += _dense_flops(llm.intermediate_size, lora_rank) + _dense_flops(lora_rank, d)
+    recompute = block_fwd_hw - seq * blocks * kept
+  elif remat == "save_projections":  # only the attention kernel runs again
+    recompute = blocks * per_pair * computed_pairs
+  else:
+    recompute = 0
+  hardware = block_fwd_hw + block_bwd_hw + other + recompute
   if not cached:  # frozen ViT forward on every candidate frame (no backward)
     vit = vision_tower_flops(vision, selector_cfg.num_candidates)
     model, hardware = model + vit, hardware + vit
@@ -119,7 +134,8 @@ def ici_bytes_per_chip(config, selector_cfg, task, mesh, params_bytes, trainable
   and the backward; tensor-parallel all-reduces of the attention and MLP outputs."""
   fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
   replicas = mesh.shape["data"] * fsdp
-  passes = 3 if config.model.remat else 2
+  # The policies that recompute projections gather their weights a third time.
+  passes = 3 if remat_policy_name(config.model.remat) in ("block", "save_attn_mlp") else 2
   gradients = 2 * (replicas - 1) / replicas * trainable_bytes  # ring all-reduce
   gather = params_bytes * (fsdp - 1) / max(fsdp, 1) / tensor * passes + gradients
   if tensor == 1:

@@ -21,7 +21,7 @@ from frameselect_jax.video import normalize
 
 TASKS = ("instruction", "importance")
 MODEL_INPUTS = {
-  "importance": ("valid", "labels", "question_ids", "question_mask", "weight"),
+  "importance": ("valid", "labels", "other_labels", "question_ids", "question_mask", "weight"),
   "instruction": ("valid", "text_ids", "text_mask", "answer_mask", "weight"),
 }
 
@@ -34,8 +34,31 @@ def step_fields(task: str, cached: bool) -> tuple[str, ...]:
 # --- Optimizer ---
 
 
-def make_schedule(train_config, total_steps: int):
-  lr = train_config.lr
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+def scaled_lr(train_config, global_batch: int) -> float:
+  """train.lr at train.lr_reference_batch, scaled to `global_batch` as train.lr_scaling says:
+  none (lr as it is), linear (lr x batch / reference) or sqrt (lr x sqrt(batch / reference))."""
+  scaling = train_config.get("lr_scaling", "none")
+  if scaling not in LR_SCALINGS:
+    raise ValueError(f"train.lr_scaling={scaling!r}; choose one of {LR_SCALINGS}")
+  if scaling == "none":
+    return float(train_config.lr)
+  reference = train_config.get("lr_reference_batch", 0)
+  if reference < 1:
+    raise ValueError(
+      f"train.lr_scaling={scaling!r} needs train.lr_reference_batch >= 1 (the batch that "
+      f"train.lr was tuned at), got {reference}"
+    )
+  ratio = global_batch / reference
+  return float(train_config.lr) * (ratio if scaling == "linear" else ratio**0.5)
+
+
+def make_schedule(train_config, total_steps: int, global_batch: int | None = None):
+  """The learning-rate schedule; its peak is `scaled_lr` at `global_batch` (train.lr when
+  global_batch is None)."""
+  lr = train_config.lr if global_batch is None else scaled_lr(train_config, global_batch)
   warmup = int(round(train_config.warmup_fraction * total_steps))
   if train_config.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
@@ -52,9 +75,9 @@ def make_schedule(train_config, total_steps: int):
   raise ValueError(f"unknown schedule {train_config.schedule!r}; choose cosine or constant")
 
 
-def make_optimizer(train_config, total_steps: int):
+def make_optimizer(train_config, total_steps: int, global_batch: int | None = None):
   """AdamW after global-norm clipping; no weight decay on vectors (biases, norms, query)."""
-  schedule = make_schedule(train_config, total_steps)
+  schedule = make_schedule(train_config, total_steps, global_batch)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   tx = optax.chain(
     optax.clip_by_global_norm(train_config.grad_clip_norm),
@@ -93,8 +116,14 @@ def visual_tokens(model, batch):
   return model.encode_frames(normalize(batch["frames"]))
 
 
-def importance_sums(model, batch, attention=None):
-  """Binary cross-entropy of the n logits against the soft labels over valid candidates."""
+def importance_sums(model, batch, attention=None, other_question_weight: float = 1.0):
+  """Binary cross-entropy of the n logits against the soft labels over valid candidates.
+
+  With other_question_weight w != 1, a candidate's negative part counts 1 + (w - 1) h times
+  as much, h = max(other_labels - labels, 0): how much more another question about the video
+  asks for it than this one does. So the question, not the frame alone, decides its score.
+  w = 1 is the paper's BCE. The count (the normaliser) does not change.
+  """
   valid = batch["valid"]
   logits = model.score(
     visual_tokens(model, batch),
@@ -105,7 +134,16 @@ def importance_sums(model, batch, attention=None):
   )
   logits = jnp.where(valid, logits, 0.0)  # invalid logits are -inf: keep them out of the loss
   mask = valid.astype(jnp.float32) * batch["weight"][:, None]
-  bce = optax.sigmoid_binary_cross_entropy(logits, batch["labels"])
+  labels = batch["labels"]
+  if other_question_weight == 1.0:
+    bce = optax.sigmoid_binary_cross_entropy(logits, labels)
+  else:
+    # How much more another question asks for the candidate than this one does.
+    hard = jnp.maximum(batch["other_labels"] - labels, 0.0)
+    negative_weight = 1.0 + (other_question_weight - 1.0) * hard
+    bce = -labels * jax.nn.log_sigmoid(logits) - negative_weight * (1.0 - labels) * (
+      jax.nn.log_sigmoid(-logits)
+    )
   return jnp.sum(bce * mask), jnp.sum(mask), logits
 
 
@@ -142,9 +180,19 @@ def loss_count(task, batch):
 
 
 def make_train_step(
-  graphdef, tx, *, task: str, accum_steps: int = 1, vision_abstract=None, mesh=None, attention=None
+  graphdef,
+  tx,
+  *,
+  task: str,
+  accum_steps: int = 1,
+  vision_abstract=None,
+  mesh=None,
+  attention=None,
+  other_question_weight: float = 1.0,
 ):
   """step(params, frozen, opt_state, batch) -> (params, opt_state, metrics).
+
+  other_question_weight: see `importance_sums` (train.other_question_weight).
 
   With accum_steps > 1 the global batch is split into that many micro-batches (each still
   spread over every data-parallel device) and their gradients summed in a lax.scan before
@@ -158,7 +206,7 @@ def make_train_step(
     model = merge_model(graphdef, params, frozen, vision_abstract)
     model.train()  # batch statistics (the frame head's query mean) instead of running ones
     if task == "importance":
-      total, _, _ = importance_sums(model, micro, attention)
+      total, _, _ = importance_sums(model, micro, attention, other_question_weight)
     else:
       total, _ = instruction_sums(model, micro, attention)
     return total / count, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))

@@ -99,6 +99,15 @@ def check_config(config, runtime: bool = True):
     raise ConfigError(f"train.grad_accum_steps must be >= 1, got {config.train.grad_accum_steps}")
   if config.train.lr <= 0:
     raise ConfigError(f"train.lr must be positive, got {config.train.lr}")
+  try:
+    step_lib.scaled_lr(config.train, config.data.global_batch_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.train.other_question_weight <= 0:
+    raise ConfigError(
+      f"train.other_question_weight must be positive (1: the paper's BCE), got "
+      f"{config.train.other_question_weight}"
+    )
   if not runtime:
     return selector_cfg, ratio
   if config.data.source == "array_record" and not config.data.train_path:
@@ -538,6 +547,12 @@ def run(config, workdir: str | None = None) -> dict:
       vocab_size=selector_cfg.llm.vocab_size,
     ),
   )
+  if config.train.other_question_weight != 1 and "other_labels" not in train_source[0]:
+    raise ConfigError(
+      f"train.other_question_weight={config.train.other_question_weight} weighs the "
+      "candidates that a video's other questions ask for, but the training records have no "
+      "other_labels (python -m data.build writes them; records.with_other_labels makes them)"
+    )
   if not cached and any(
     s is not None and "visual_tokens" in s[0] for s in (train_source, eval_source)
   ):
@@ -572,7 +587,7 @@ def run(config, workdir: str | None = None) -> dict:
     params, frozen, inherited = start_from_stage1(
       config, params, frozen, param_shardings, frozen_shardings
     )
-  tx, schedule = step_lib.make_optimizer(config.train, total_steps)
+  tx, schedule = step_lib.make_optimizer(config.train, total_steps, config.data.global_batch_size)
   opt_shardings = step_lib.opt_state_shardings(tx, params, param_shardings, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
 
@@ -665,6 +680,7 @@ def run(config, workdir: str | None = None) -> dict:
         vision_abstract=vision_abstract,
         mesh=mesh,
         attention=attention,
+        other_question_weight=config.train.other_question_weight,
       ),
       param_shardings=param_shardings,
       frozen_shardings=frozen_shardings,

@@ -15,6 +15,42 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import ad_checkpoint
+
+# Activation checkpointing of each transformer block (`remat`), by what the backward keeps:
+#   none            everything (no recomputation)
+#   block           only the block's input: the whole block is recomputed
+#   save_attn_mlp   the block's input and its attention and MLP outputs
+#   save_projections  the outputs of every projection (q, k, v, attention context, o,
+#                   gate, up, down): only norms, rope, activations and the attention
+#                   kernel are recomputed
+REMAT_POLICIES = ("none", "block", "save_attn_mlp", "save_projections")
+PROJECTION_NAMES = ("q", "k", "v", "context", "attn_out", "gate", "up", "mlp_out")
+
+
+def checkpoint_name(x, name: str):
+  """Names an activation for the selective remat policies."""
+  return ad_checkpoint.checkpoint_name(x, name)
+
+
+def remat_policy_name(remat) -> str:
+  """model.remat -> one of REMAT_POLICIES (True and False, from older configs, are block and
+  none)."""
+  if isinstance(remat, bool):
+    return "block" if remat else "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat {remat!r} not in {REMAT_POLICIES}")
+  return remat
+
+
+def remat_block(fn: Callable, remat: str) -> Callable:
+  """fn(layer, *args) checkpointed as `remat` says (REMAT_POLICIES)."""
+  if remat == "none":
+    return fn
+  if remat == "block":
+    return nnx.remat(fn)
+  names = ("attn_out", "mlp_out") if remat == "save_attn_mlp" else PROJECTION_NAMES
+  return nnx.remat(fn, policy=jax.checkpoint_policies.save_only_these_names(*names))
 
 
 def param(value, axes, kind=nnx.Param):

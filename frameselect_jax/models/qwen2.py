@@ -17,7 +17,17 @@ from frameselect_jax.models.attention import (
   causal_attention,
   dot_product_attention,
 )
-from frameselect_jax.models.layers import Dense, Embed, RMSNorm, apply_rope, rope_cos_sin, take_rows
+from frameselect_jax.models.layers import (
+  Dense,
+  Embed,
+  RMSNorm,
+  apply_rope,
+  checkpoint_name,
+  remat_block,
+  remat_policy_name,
+  rope_cos_sin,
+  take_rows,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,19 +92,20 @@ class Qwen2Attention(nnx.Module):
     (b,) int, only the output at position rows[i] of each example is computed (b, 1, d):
     keys and values still cover every token. `attention` replaces the XLA kernel."""
     b, s, _ = x.shape
-    k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+    k = checkpoint_name(self.k_proj(x), "k").reshape(b, s, self.num_kv_heads, self.head_dim)
+    v = checkpoint_name(self.v_proj(x), "v").reshape(b, s, self.num_kv_heads, self.head_dim)
     k = apply_rope(k, cos, sin)
     if rows is None:
-      q = apply_rope(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
-      out = (attention or causal_attention)(q, k, v, key_valid)
+      q = checkpoint_name(self.q_proj(x), "q").reshape(b, s, self.num_heads, self.head_dim)
+      out = (attention or causal_attention)(apply_rope(q, cos, sin), k, v, key_valid)
     else:
       x, cos, sin = take_rows(x, rows), take_rows(cos, rows), take_rows(sin, rows)
       q = apply_rope(self.q_proj(x).reshape(b, 1, self.num_heads, self.head_dim), cos, sin)
       # Each query row sees the valid keys at or before its own position.
       visible = key_valid & (jnp.arange(s)[None, :] <= rows[:, None])
       out = dot_product_attention(q, k, v, visible[:, None, None, :])
-    return self.o_proj(out.reshape(b, x.shape[1], self.num_heads * self.head_dim))
+    out = checkpoint_name(out.reshape(b, x.shape[1], self.num_heads * self.head_dim), "context")
+    return checkpoint_name(self.o_proj(out), "attn_out")
 
 
 class Qwen2MLP(nnx.Module):
@@ -105,7 +116,9 @@ class Qwen2MLP(nnx.Module):
     self.down_proj = Dense(f, d, axes=("mlp", "embed"), use_bias=False, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    gate = checkpoint_name(self.gate_proj(x), "gate")
+    up = checkpoint_name(self.up_proj(x), "up")
+    return checkpoint_name(self.down_proj(jax.nn.silu(gate) * up), "mlp_out")
 
 
 class Qwen2DecoderLayer(nnx.Module):
@@ -123,9 +136,9 @@ class Qwen2DecoderLayer(nnx.Module):
 
 
 class Qwen2Model(nnx.Module):
-  def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+  def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, remat="none", rngs: nnx.Rngs):
     self.config = cfg.validate()
-    self.remat = remat
+    self.remat = remat_policy_name(remat)
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
     self.layers = nnx.List(
       [Qwen2DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
@@ -168,14 +181,13 @@ class Qwen2Model(nnx.Module):
     )
     x = inputs_embeds
     hidden_states = [x]
+    block = remat_block(
+      lambda layer, x, cos, sin, valid, rows: layer(x, cos, sin, valid, rows, attention),
+      self.remat,
+    )
     for i, layer in enumerate(self.layers[:num_layers]):
       rows = output_rows if i == num_layers - 1 else None
-      if self.remat:
-        x = nnx.remat(
-          lambda layer, x, cos, sin, valid, rows: layer(x, cos, sin, valid, rows, attention)
-        )(layer, x, cos, sin, key_valid, rows)
-      else:
-        x = layer(x, cos, sin, key_valid, rows, attention)
+      x = block(layer, x, cos, sin, key_valid, rows)
       hidden_states.append(x)
     if output_rows is not None and num_layers == 0:
       x = take_rows(x, output_rows)
@@ -186,7 +198,7 @@ class Qwen2Model(nnx.Module):
 
 
 class Qwen2ForCausalLM(nnx.Module):
-  def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+  def __init__(self, cfg: Qwen2Config, *, dtype=jnp.float32, remat="none", rngs: nnx.Rngs):
     self.config = cfg
     self.model = Qwen2Model(cfg, dtype=dtype, remat=remat, rngs=rngs)
     # Tied checkpoints have no lm_head: logits use the embedding matrix transposed.

@@ -15,11 +15,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from frameselect_jax.models.layers import Dense, RMSNorm, gelu_exact, normal_init, param
+from frameselect_jax.models.layers import (
+  Dense,
+  RMSNorm,
+  gelu_exact,
+  normal_init,
+  param,
+  remat_policy_name,
+)
 from frameselect_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from frameselect_jax.models.siglip import SiglipVisionConfig, SiglipVisionModel, adaptive_avg_pool
 
-SCORE_HEADS = ("query_mlp", "frame_query")
+SCORE_HEADS = ("query_mlp", "frame_query", "token_query")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -30,10 +37,12 @@ class SelectorConfig:
   num_candidates: int = 128  # n: frames scored per question
   pool_grid: int = 3  # g: each frame becomes g*g visual tokens
   dtype: str = "float32"  # compute dtype; parameters are always float32
-  remat: bool = False  # jax.checkpoint each transformer block
+  remat: str = "none"  # activation checkpointing of each block (layers.REMAT_POLICIES)
   # "query_mlp": the paper's head (the query's hidden state -> MLP -> n logits);
   # "frame_query": each frame's own hidden state scored against the query's, which reads
-  # the question alone (see Selector.score).
+  # the question alone (see Selector.score); "token_query": the same head on each of a
+  # frame's g*g token states, the frame's score their maximum (a small object is then not
+  # averaged away with the rest of the frame).
   score_head: str = "query_mlp"
 
   @property
@@ -57,6 +66,7 @@ class SelectorConfig:
       raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
     if self.llm.num_hidden_layers < 2:
       raise ValueError("the LLM needs at least 2 layers: scores are read after the penultimate one")
+    remat_policy_name(self.remat)  # raises on an unknown policy
     if self.score_head not in SCORE_HEADS:
       raise ValueError(f"score_head {self.score_head!r} not in {SCORE_HEADS}")
     if self.dtype not in DTYPES:
@@ -128,7 +138,8 @@ class FrameQueryHead(nnx.Module):
     self.use_running_average = True
 
   def __call__(self, frames, query):
-    """frames (b, n, d): mean hidden state of each frame's tokens; query (b, d)."""
+    """frames (b, n, d): mean hidden state of each frame's tokens, or (b, n, t, d): each
+    token's state (a score per token); query (b, d)."""
     q = _rms_normalize(query, self.eps)
     if self.use_running_average:
       mean = self.query_mean[...]
@@ -141,7 +152,7 @@ class FrameQueryHead(nnx.Module):
     frames = self.frame_norm(frames)
     f = self.frame_proj(frames).astype(jnp.float32)
     prior = frames.astype(jnp.float32) @ self.frame_prior[...]
-    return jnp.einsum("bnd,bd->bn", f, q) / jnp.sqrt(f.shape[-1]) + prior + self.bias[...]
+    return jnp.einsum("b...d,bd->b...", f, q) / jnp.sqrt(f.shape[-1]) + prior + self.bias[...]
 
 
 class Selector(nnx.Module):
@@ -235,8 +246,11 @@ class Selector(nnx.Module):
         output_rows=query_pos - num_visual,
         attention=attention,
       )
-      frames = frames.reshape(b, n, self.config.tokens_per_frame, -1)
-      logits = self.score_head(jnp.mean(frames.astype(jnp.float32), axis=2), query[:, 0])
+      frames = frames.reshape(b, n, self.config.tokens_per_frame, -1).astype(jnp.float32)
+      if self.config.score_head == "token_query":
+        logits = jnp.max(self.score_head(frames, query[:, 0]), axis=2)
+      else:
+        logits = self.score_head(jnp.mean(frames, axis=2), query[:, 0])
     return jnp.where(valid, logits, -jnp.inf)
 
   def instruction_logits(

@@ -25,7 +25,17 @@ import numpy as np
 from flax import nnx
 
 from frameselect_jax.models.attention import dot_product_attention
-from frameselect_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, normal_init, param
+from frameselect_jax.models.layers import (
+  ACTIVATIONS,
+  Dense,
+  Embed,
+  LayerNorm,
+  checkpoint_name,
+  normal_init,
+  param,
+  remat_block,
+  remat_policy_name,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,10 +166,14 @@ class SiglipAttention(nnx.Module):
     split = lambda t: t.reshape(b, s, self.num_heads, self.head_dim)
     if mask is None:
       mask = jnp.ones((1, 1, s, s), dtype=bool)
-    out = dot_product_attention(
-      split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask
+    q, k, v = (
+      checkpoint_name(p(x), n)
+      for p, n in ((self.q_proj, "q"), (self.k_proj, "k"), (self.v_proj, "v"))
     )
-    return self.out_proj(out.reshape(b, s, d))
+    out = dot_product_attention(split(q), split(k), split(v), mask)
+    return checkpoint_name(
+      self.out_proj(checkpoint_name(out.reshape(b, s, d), "context")), "attn_out"
+    )
 
 
 class SiglipMLP(nnx.Module):
@@ -181,7 +195,7 @@ class SiglipMLP(nnx.Module):
     )
 
   def __call__(self, x):
-    return self.fc2(self.act(self.fc1(x)))
+    return checkpoint_name(self.fc2(self.act(checkpoint_name(self.fc1(x), "up"))), "mlp_out")
 
 
 class SiglipEncoderLayer(nnx.Module):
@@ -207,9 +221,9 @@ class SiglipEncoder(nnx.Module):
 class SiglipVisionModel(nnx.Module):
   """images (b, H, W, C) in [-1, 1] -> last hidden state (b, grid*grid, D) after post_layernorm."""
 
-  def __init__(self, cfg: SiglipVisionConfig, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+  def __init__(self, cfg: SiglipVisionConfig, *, dtype=jnp.float32, remat="none", rngs: nnx.Rngs):
     self.config = cfg.validate()
-    self.remat = remat
+    self.remat = remat_policy_name(remat)
     self.embeddings = SiglipVisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
     self.encoder = SiglipEncoder(cfg, dtype=dtype, rngs=rngs)
     self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
@@ -221,8 +235,9 @@ class SiglipVisionModel(nnx.Module):
         f"expected images (batch, {size}, {size}, {self.config.num_channels}), got {images.shape}"
       )
     x = self.embeddings(images)
+    block = remat_block(lambda layer, x: layer(x), self.remat)
     for layer in self.encoder.layers:
-      x = nnx.remat(lambda layer, x: layer(x))(layer, x) if self.remat else layer(x)
+      x = block(layer, x)
     return self.post_layernorm(x)
 
 
@@ -271,7 +286,7 @@ class SiglipVisionModelWithHead(SiglipVisionModel):
   Calling it gives the last hidden state, as SiglipVisionModel does; `pooled` gives HF's
   pooler_output (what SiglipModel.get_image_features returns)."""
 
-  def __init__(self, cfg: SiglipVisionConfig, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+  def __init__(self, cfg: SiglipVisionConfig, *, dtype=jnp.float32, remat="none", rngs: nnx.Rngs):
     super().__init__(cfg, dtype=dtype, remat=remat, rngs=rngs)
     self.head = SiglipMultiheadAttentionPoolingHead(cfg, dtype=dtype, rngs=rngs)
 
@@ -312,9 +327,9 @@ class SiglipTextModel(nnx.Module):
   attention_mask (b, s), 1 for real tokens, hides padded keys as HF's bidirectional mask does;
   SigLIP was trained without one (None)."""
 
-  def __init__(self, cfg: SiglipTextConfig, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+  def __init__(self, cfg: SiglipTextConfig, *, dtype=jnp.float32, remat="none", rngs: nnx.Rngs):
     self.config = cfg.validate()
-    self.remat = remat
+    self.remat = remat_policy_name(remat)
     self.embeddings = SiglipTextEmbeddings(cfg, dtype=dtype, rngs=rngs)
     self.encoder = SiglipEncoder(cfg, dtype=dtype, rngs=rngs)
     self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
@@ -327,11 +342,9 @@ class SiglipTextModel(nnx.Module):
       raise ValueError(f"expected token ids (batch, length), got shape {ids.shape}")
     mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
     x = self.embeddings(ids)
+    block = remat_block(lambda layer, x, mask: layer(x, mask), self.remat)
     for layer in self.encoder.layers:
-      if self.remat:
-        x = nnx.remat(lambda layer, x, mask: layer(x, mask))(layer, x, mask)
-      else:
-        x = layer(x, mask)
+      x = block(layer, x, mask)
     return self.final_layer_norm(x)
 
   def pooled(self, ids, attention_mask=None):
@@ -352,7 +365,7 @@ class SiglipModel(nnx.Module):
   logits[i, j] = <img_i, txt_j> * exp(logit_scale) + logit_bias, and sigmoid(logits) is
   SigLIP's probability that text j matches image i."""
 
-  def __init__(self, cfg: SiglipConfig, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+  def __init__(self, cfg: SiglipConfig, *, dtype=jnp.float32, remat="none", rngs: nnx.Rngs):
     self.config = cfg.validate()
     self.vision_model = SiglipVisionModelWithHead(cfg.vision, dtype=dtype, remat=remat, rngs=rngs)
     self.text_model = SiglipTextModel(cfg.text, dtype=dtype, remat=remat, rngs=rngs)
