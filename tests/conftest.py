@@ -69,15 +69,16 @@ def save_random_qwen2(path, seed=0, std=0.2, **config):
   return model
 
 
-def save_random_siglip(path, seed=0, full_model=False, **config):
-  """A random SiglipVisionModel (or a whole SiglipModel, text tower included) saved to `path`."""
+def save_random_siglip(path, seed=0, full_model=False, text=None, logit_scale_bias=None, **config):
+  """A random SiglipVisionModel (or a whole SiglipModel, text tower included: `text` overrides
+  its tiny config, `logit_scale_bias` sets those two scalars) saved to `path`."""
   import torch
   from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
 
   torch.manual_seed(seed)
   vision = tiny_siglip_config(**config)
   if full_model:
-    text = dict(
+    text = text or dict(
       hidden_size=16,
       intermediate_size=32,
       num_hidden_layers=1,
@@ -96,6 +97,9 @@ def save_random_siglip(path, seed=0, full_model=False, **config):
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
       else:
         p.normal_(0.0, 0.1)
+    if logit_scale_bias is not None:
+      model.logit_scale.fill_(logit_scale_bias[0])
+      model.logit_bias.fill_(logit_scale_bias[1])
   model.save_pretrained(path)
   return model
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_selection import check_well_formed
 
 from frameselect_jax import peers, selection
 
@@ -41,19 +42,6 @@ def problems(draw):
   else:
     valid = rng.random(n) < rng.uniform(0.0, 1.0)
   return scores.astype(np.float32), valid, k
-
-
-def check_well_formed(picks, valid, k):
-  """Ascending, unique, valid picks first, then -1 fill; as many picks as possible."""
-  picks = np.asarray(picks)
-  assert picks.shape == (k,) and picks.dtype == np.int32
-  expected_count = min(k, int(valid.sum()))
-  chosen = picks[:expected_count]
-  assert np.all(picks[expected_count:] == -1)
-  assert np.all(chosen >= 0)
-  assert np.all(np.diff(chosen) > 0)  # sorted and unique
-  assert np.all(valid[chosen])
-  return chosen
 
 
 # --- properties shared by BOLT and AKS ---

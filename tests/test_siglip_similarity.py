@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import save_random_siglip, tiny_siglip_config
+from conftest import save_random_siglip
 from flax import nnx
 
 from frameselect_jax import hf
@@ -22,9 +22,6 @@ LOGIT_SCALE, LOGIT_BIAS = 1.7, -2.3  # exp(1.7) ~ 5.5
 def _save_random_siglip_model(path, seed=0, **vision):
   """A random transformers SiglipModel: the text tower's width (24) differs from its projection
   (the vision width, 32), so a transposed head could not load; non-trivial logit scale/bias."""
-  from transformers import SiglipConfig, SiglipModel
-
-  torch.manual_seed(seed)
   text = dict(
     vocab_size=VOCAB,
     hidden_size=24,
@@ -37,18 +34,9 @@ def _save_random_siglip_model(path, seed=0, **vision):
     bos_token_id=1,
     eos_token_id=2,
   )
-  config = SiglipConfig(vision_config=tiny_siglip_config(**vision).to_dict(), text_config=text)
-  model = SiglipModel(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and name.endswith("weight"):
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
-      else:
-        p.normal_(0.0, 0.1)
-    model.logit_scale.fill_(LOGIT_SCALE)
-    model.logit_bias.fill_(LOGIT_BIAS)
-  model.save_pretrained(path)
-  return model
+  return save_random_siglip(
+    path, seed, full_model=True, text=text, logit_scale_bias=(LOGIT_SCALE, LOGIT_BIAS), **vision
+  )
 
 
 @pytest.fixture(scope="module", params=[(28, 4), (30, 7)], ids=["28-4", "30-7"])

@@ -15,9 +15,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import ad_checkpoint
 
-# Activation checkpointing of each transformer block (`remat`), by what the backward keeps:
+# Activation checkpointing of each transformer block (`remat`), by what the backward keeps
+# (the blocks name their activations with jax.ad_checkpoint.checkpoint_name):
 #   none            everything (no recomputation)
 #   block           only the block's input: the whole block is recomputed
 #   save_attn_mlp   the block's input and its attention and MLP outputs
@@ -26,11 +26,6 @@ from jax import ad_checkpoint
 #                   kernel are recomputed
 REMAT_POLICIES = ("none", "block", "save_attn_mlp", "save_projections")
 PROJECTION_NAMES = ("q", "k", "v", "context", "attn_out", "gate", "up", "mlp_out")
-
-
-def checkpoint_name(x, name: str):
-  """Names an activation for the selective remat policies."""
-  return ad_checkpoint.checkpoint_name(x, name)
 
 
 def remat_policy_name(remat) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from frameselect_jax.models.attention import (
   CausalAttention,
@@ -22,7 +23,6 @@ from frameselect_jax.models.layers import (
   Embed,
   RMSNorm,
   apply_rope,
-  checkpoint_name,
   remat_block,
   remat_policy_name,
   rope_cos_sin,

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from frameselect_jax.models.attention import dot_product_attention
 from frameselect_jax.models.layers import (
@@ -30,7 +31,6 @@ from frameselect_jax.models.layers import (
   Dense,
   Embed,
   LayerNorm,
-  checkpoint_name,
   normal_init,
   param,
   remat_block,
