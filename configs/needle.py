@@ -60,7 +60,7 @@ def get_config(arg=None):
   else:
     c.train.trainable = HEADS
     c.train.lr = 2e-4
-    c.train.num_steps = 600
+    c.train.num_steps = 400  # 600 gave 0.969 against 0.964 held-out hit@4, 30 s more
     c.train.init_from = "workdirs/needle-stage1/checkpoints"
   c.validation.ks = (2, 4, 8)
   c.validation.every_steps = 200
