@@ -208,7 +208,7 @@ def run(config, shard=(0, 1)) -> dict:
     errors.check_can_create(os.path.dirname(output), "label.output's folder")
   items = load_items(config)
   i, n = shard
-  mine = [item for index, item in enumerate(items) if index % n == i]
+  mine = errors.take_shard(items, shard)
   labellers, backends = make_labelers(config, output[:-6] + ".captions.jsonl")
   os.makedirs(os.path.dirname(output), exist_ok=True)
   lock = hold_lock(output)

@@ -390,8 +390,7 @@ def run(config, shard=(0, 1)) -> str:
   model = make_downstream(config)
   cache = downstream.ResponseCache(os.path.join(out, "cache") if config.downstream.cache else None)
   judge = make_judge(config)
-  i, n = shard
-  mine = [item for index, item in enumerate(items) if index % n == i]
+  mine = errors.take_shard(items, shard)
   problems = collections.defaultdict(list)
   for p in items.problems:
     problems[p.qid].append(p)

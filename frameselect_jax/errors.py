@@ -90,6 +90,12 @@ def parse_shard(text: str) -> tuple[int, int]:
   return i, n
 
 
+def take_shard(items: list, shard: tuple[int, int]) -> list:
+  """Shard (i, N)'s share of `items`: every N-th, from the i-th."""
+  i, n = shard
+  return [item for index, item in enumerate(items) if index % n == i]
+
+
 def write_atomically(path: str, text: str) -> None:
   """Writes a whole file or none: a temporary file beside it (named by process and thread, so
   two writers of one path never share it), then a rename."""
