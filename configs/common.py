@@ -132,6 +132,12 @@ def base(
   # > 1: a candidate that another question about the video asks for (records'
   # other_labels) weighs this much more as a negative; 1 is the paper's plain BCE.
   c.train.other_question_weight = 1.0
+  # > 0: add this much of a listwise (softmax) ranking term to the BCE (step.importance_sums);
+  # 0 is the paper's plain BCE.
+  c.train.listwise_weight = 0.0
+  # > 0: the BCE's targets become labels (1 - e) + e / 2, so every negative settles at one
+  # finite logit (step.ImportanceLoss); 0 is the paper's plain BCE.
+  c.train.label_smoothing = 0.0
   # Stage 1 alternates the two tasks batch by batch: instruction:importance batches.
   c.train.task_ratio = "1:1" if stage == 1 else "0:1"
   # Trainable top-level modules; stage 2 adds the LoRA adapters.

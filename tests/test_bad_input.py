@@ -143,6 +143,11 @@ def _cases():
       "the training records have no other_labels",
     ),
     (
+      "label smoothing out of range",
+      lambda i, o: [*STAGE1, f"--workdir={o}/run", "--config.train.label_smoothing=1.5"],
+      "train.label_smoothing must be in [0, 1)",
+    ),
+    (
       "a learning-rate scaling without its reference batch",
       lambda i, o: [*STAGE1, f"--workdir={o}/run", "--config.train.lr_scaling=sqrt"],
       "needs train.lr_reference_batch >= 1",

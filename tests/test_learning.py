@@ -38,6 +38,11 @@ def test_the_selector_learns_to_find_the_asked_needle(tmp_path):
   assert final["validation/uniform_recall_at_4"] < 0.3
   assert final["validation/recall_at_4"] > final["validation/uniform_recall_at_4"] + 0.35, final
   assert final["validation/oracle_recall_at_4"] == 1.0
+  # Each held-out question has the video's two other needles to avoid (16 videos x 3).
+  assert final["validation/other_questions"] == 48
+  assert 0.0 <= final["validation/other_question_hit_at_4"] <= 1.0
+  # uniform picks land on another question's needle about twice as often as on the asked one
+  assert final["validation/uniform_other_question_hit_at_4"] >= final["validation/uniform_hit_at_4"]
 
   # Stage 2 (LoRA) starts from stage 1: its checkpoint carries the backbone stage 1 trained,
   # so the inference API rebuilds the trained selector from it alone.

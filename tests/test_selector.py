@@ -213,3 +213,38 @@ def test_jit_over_split_state(selector, visual_tokens):
   np.testing.assert_allclose(
     pure_score(state, visual_tokens), score(selector, visual_tokens, ids, mask), atol=1e-6
   )
+
+
+def test_token_query_takes_the_best_tokens_match_and_the_mean_tokens_prior():
+  """FrameQueryHead by hand: the match (projected frame state . projected centred query /
+  sqrt(d)) is the best token's; the frame-alone term reads the mean of the normalised
+  tokens, outside the maximum; on mean states (frame_query) there is one token."""
+  from frameselect_jax.models.selector import FrameQueryHead
+
+  d, eps = 8, 1e-6
+  head = FrameQueryHead(d, eps=eps, dtype=jnp.float32, rngs=nnx.Rngs(3))
+  head.query_mean[...] = jax.random.normal(jax.random.key(4), (d,))
+  head.frame_norm.weight[...] = jax.random.uniform(jax.random.key(7), (d,), minval=0.5)
+  frames = jax.random.normal(jax.random.key(5), (2, 3, 4, d))
+  query = jax.random.normal(jax.random.key(6), (2, d))
+  value = lambda x: np.asarray(x[...], np.float64)
+
+  def rms(x):
+    return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps)
+
+  def by_hand(states):  # states (b, n, t, d)
+    q = rms(rms(np.asarray(query, np.float64)) - value(head.query_mean))
+    q = (q * value(head.query_norm.weight)) @ value(head.query_proj.kernel)
+    q = q + value(head.query_proj.bias)
+    normed = rms(states) * value(head.frame_norm.weight)
+    f = normed @ value(head.frame_proj.kernel) + value(head.frame_proj.bias)
+    match = np.einsum("bntd,bd->bnt", f, q) / np.sqrt(d)
+    prior = normed.mean(axis=2) @ value(head.frame_prior)
+    return match.max(axis=2) + prior + float(value(head.bias))
+
+  tokens = np.asarray(frames, np.float64)
+  np.testing.assert_allclose(head(frames, query), by_hand(tokens), rtol=1e-4, atol=1e-5)
+  means = frames.mean(axis=2)
+  np.testing.assert_allclose(
+    head(means, query), by_hand(tokens.mean(axis=2, keepdims=True)), rtol=1e-4, atol=1e-5
+  )

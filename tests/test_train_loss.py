@@ -108,7 +108,9 @@ def test_other_question_weight_multiplies_only_the_hard_negatives(float32_setup)
   other[:, ::3] = 1.0  # made-up: every third candidate is another question's
   batch["other_labels"] = other * valid
   plain, count, logits = step_lib.importance_sums(model, batch)
-  weighted, count_w, _ = step_lib.importance_sums(model, batch, other_question_weight=5.0)
+  weighted, count_w, _ = step_lib.importance_sums(
+    model, batch, loss=step_lib.ImportanceLoss(other_question_weight=5.0)
+  )
   x, y = np.asarray(logits, np.float64), batch["labels"].astype(np.float64)
   log_p, log_not_p = -np.logaddexp(0, -x), -np.logaddexp(0, x)
   hard = np.maximum(batch["other_labels"] - y, 0)
@@ -116,6 +118,53 @@ def test_other_question_weight_multiplies_only_the_hard_negatives(float32_setup)
   assert float(weighted) == pytest.approx(expected.sum(), rel=1e-5)
   assert float(plain) == pytest.approx((-(y * log_p + (1 - y) * log_not_p) * valid).sum(), rel=1e-5)
   assert float(weighted) > float(plain) and float(count_w) == float(count)
+
+
+def test_label_smoothing_moves_the_targets_and_keeps_the_hard_negative_weight(float32_setup):
+  """By hand: the BCE's targets become y (1 - e) + e / 2; the hard-negative weight still
+  multiplies the negative part, and still picks the candidates by the unsmoothed labels."""
+  config, graphdef, params, frozen, batch = float32_setup
+  model = step_lib.merge_model(graphdef, params, frozen)
+  batch = dict(batch)
+  valid = batch["valid"]
+  other = np.zeros_like(batch["labels"])
+  other[:, 1::4] = 1.0
+  batch["other_labels"] = other * valid
+  loss = step_lib.ImportanceLoss(other_question_weight=3.0, label_smoothing=0.2)
+  smoothed, count, logits = step_lib.importance_sums(model, batch, loss=loss)
+  x, y = np.asarray(logits, np.float64), batch["labels"].astype(np.float64)
+  t = 0.8 * y + 0.1
+  log_p, log_not_p = -np.logaddexp(0, -x), -np.logaddexp(0, x)
+  hard = np.maximum(batch["other_labels"] - y, 0)
+  expected = -(t * log_p + (1 + 2 * hard) * (1 - t) * log_not_p) * valid
+  assert float(smoothed) == pytest.approx(expected.sum(), rel=1e-5)
+
+
+def test_listwise_weight_adds_the_softmax_cross_entropy_per_record(float32_setup):
+  """By hand: each record adds w times the cross-entropy between its labels normalised to
+  one and the softmax of its logits over its valid candidates, counted once per valid
+  candidate; invalid candidates and a record without positives add nothing."""
+  config, graphdef, params, frozen, batch = float32_setup
+  model = step_lib.merge_model(graphdef, params, frozen)
+  batch = dict(batch, valid=batch["valid"].copy(), labels=batch["labels"].copy())
+  batch["valid"][0, -3:] = False  # fewer candidates in one record
+  batch["labels"][1] = 0.0  # a record with no positive candidate
+  plain, count, logits = step_lib.importance_sums(model, batch)
+  listwise, count_l, _ = step_lib.importance_sums(
+    model, batch, loss=step_lib.ImportanceLoss(listwise_weight=0.5)
+  )
+  x = np.asarray(logits, np.float64)
+  valid, weight = batch["valid"], batch["weight"]
+  y = np.where(valid, batch["labels"], 0.0).astype(np.float64)
+  expected = 0.0
+  for r in range(x.shape[0]):
+    if y[r].sum() == 0:
+      continue
+    v = valid[r]
+    log_softmax = x[r, v] - np.log(np.exp(x[r, v]).sum())
+    expected += -(y[r, v] / y[r].sum() * log_softmax).sum() * v.sum() * weight[r]
+  assert float(listwise) - float(plain) == pytest.approx(0.5 * expected, rel=1e-4)
+  assert expected > 0 and float(count_l) == float(count)
 
 
 def test_the_learning_rate_scales_with_the_batch():

@@ -171,7 +171,7 @@ def compile_report(config, topology: str) -> dict:
         vision_abstract=vision_abstract,
         mesh=mesh,
         attention=attention,
-        other_question_weight=config.train.other_question_weight,
+        importance_loss=step_lib.ImportanceLoss.from_config(config.train),
       ),
       param_shardings=param_shardings,
       frozen_shardings=frozen_shardings,

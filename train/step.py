@@ -8,6 +8,8 @@ for `params`. The trainer and the AOT compiler (train/compile.py) build the very
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -116,14 +118,63 @@ def visual_tokens(model, batch):
   return model.encode_frames(normalize(batch["frames"]))
 
 
-def importance_sums(model, batch, attention=None, other_question_weight: float = 1.0):
-  """Binary cross-entropy of the n logits against the soft labels over valid candidates.
+@dataclasses.dataclass(frozen=True)
+class ImportanceLoss:
+  """The importance task's loss: the paper's binary cross-entropy of the n logits against the
+  soft labels, over the valid candidates, with three options, all off by default
+  (train.other_question_weight, train.listwise_weight, train.label_smoothing).
 
-  With other_question_weight w != 1, a candidate's negative part counts 1 + (w - 1) h times
-  as much, h = max(other_labels - labels, 0): how much more another question about the video
+  other_question_weight w != 1: a candidate's negative part counts 1 + (w - 1) h times as
+  much, h = max(other_labels - labels, 0): how much more another question about the video
   asks for it than this one does. So the question, not the frame alone, decides its score.
-  w = 1 is the paper's BCE. The count (the normaliser) does not change.
+
+  label_smoothing e > 0: the BCE's targets are labels (1 - e) + e / 2. Without it every
+  negative's logit falls without end, and an easy negative (background) falls faster than a
+  hard one (a card of the wrong colour), which then outranks it; with it every negative
+  settles at the same finite logit, and one weighted w times settles log w below it.
+
+  listwise_weight > 0: each record adds that much times a listwise term (ListNet), the
+  cross-entropy between its labels normalised to sum to one and the softmax of its logits
+  over the valid candidates. Selection reads only the ranking of the scores, and this term
+  is about the ranking: its push on a negative is that negative's probability, so the
+  highest-scoring negatives are pushed hardest. It is counted once per valid candidate, so
+  the sum over the count is the BCE's mean plus listwise_weight times the records' mean
+  term. A record whose labels are all zero adds nothing to it.
   """
+
+  other_question_weight: float = 1.0
+  listwise_weight: float = 0.0
+  label_smoothing: float = 0.0
+
+  @classmethod
+  def from_config(cls, train_config) -> "ImportanceLoss":
+    defaults = cls()
+    return cls(
+      **{
+        f.name: float(train_config.get(f.name, getattr(defaults, f.name)))
+        for f in dataclasses.fields(cls)
+      }
+    ).checked()
+
+  def checked(self) -> "ImportanceLoss":
+    if self.other_question_weight <= 0:
+      raise ValueError(
+        f"train.other_question_weight must be positive (1: the paper's BCE), got "
+        f"{self.other_question_weight}"
+      )
+    if self.listwise_weight < 0:
+      raise ValueError(
+        f"train.listwise_weight must be >= 0 (0: the paper's BCE alone), got {self.listwise_weight}"
+      )
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(
+        f"train.label_smoothing must be in [0, 1) (0: the paper's BCE), got {self.label_smoothing}"
+      )
+    return self
+
+
+def importance_sums(model, batch, attention=None, loss: ImportanceLoss = ImportanceLoss()):
+  """(sum of the per-candidate losses, their count, the logits): see `ImportanceLoss`."""
   valid = batch["valid"]
   logits = model.score(
     visual_tokens(model, batch),
@@ -135,16 +186,23 @@ def importance_sums(model, batch, attention=None, other_question_weight: float =
   logits = jnp.where(valid, logits, 0.0)  # invalid logits are -inf: keep them out of the loss
   mask = valid.astype(jnp.float32) * batch["weight"][:, None]
   labels = batch["labels"]
-  if other_question_weight == 1.0:
-    bce = optax.sigmoid_binary_cross_entropy(logits, labels)
-  else:
+  targets = labels * (1.0 - loss.label_smoothing) + 0.5 * loss.label_smoothing
+  negative_weight = 1.0
+  if loss.other_question_weight != 1.0:
     # How much more another question asks for the candidate than this one does.
     hard = jnp.maximum(batch["other_labels"] - labels, 0.0)
-    negative_weight = 1.0 + (other_question_weight - 1.0) * hard
-    bce = -labels * jax.nn.log_sigmoid(logits) - negative_weight * (1.0 - labels) * (
-      jax.nn.log_sigmoid(-logits)
-    )
-  return jnp.sum(bce * mask), jnp.sum(mask), logits
+    negative_weight = 1.0 + (loss.other_question_weight - 1.0) * hard
+  bce = -targets * jax.nn.log_sigmoid(logits) - negative_weight * (1.0 - targets) * (
+    jax.nn.log_sigmoid(-logits)
+  )
+  total = jnp.sum(bce * mask)
+  if loss.listwise_weight:
+    target_mass = jnp.sum(jnp.where(valid, labels, 0.0), axis=-1, keepdims=True)
+    target = jnp.where(valid, labels, 0.0) / jnp.maximum(target_mass, 1e-9)
+    log_p = jax.nn.log_softmax(jnp.where(valid, logits, -1e9), axis=-1)
+    listwise = -jnp.sum(jnp.where(valid, target * log_p, 0.0), axis=-1)
+    total = total + loss.listwise_weight * jnp.sum(listwise * jnp.sum(mask, axis=-1))
+  return total, jnp.sum(mask), logits
 
 
 def instruction_sums(model, batch, attention=None):
@@ -188,11 +246,11 @@ def make_train_step(
   vision_abstract=None,
   mesh=None,
   attention=None,
-  other_question_weight: float = 1.0,
+  importance_loss: ImportanceLoss = ImportanceLoss(),
 ):
   """step(params, frozen, opt_state, batch) -> (params, opt_state, metrics).
 
-  other_question_weight: see `importance_sums` (train.other_question_weight).
+  importance_loss: the importance task's loss options (`ImportanceLoss`).
 
   With accum_steps > 1 the global batch is split into that many micro-batches (each still
   spread over every data-parallel device) and their gradients summed in a lax.scan before
@@ -206,7 +264,7 @@ def make_train_step(
     model = merge_model(graphdef, params, frozen, vision_abstract)
     model.train()  # batch statistics (the frame head's query mean) instead of running ones
     if task == "importance":
-      total, _, _ = importance_sums(model, micro, attention, other_question_weight)
+      total, _, _ = importance_sums(model, micro, attention, importance_loss)
     else:
       total, _ = instruction_sums(model, micro, attention)
     return total / count, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
@@ -257,6 +315,12 @@ def make_validation_step(
   greedy NMS picks from the predicted scores, of uniform sampling, and of NMS over the labels
   themselves (the ceiling). The relevant candidates are those whose label is at least
   `relevant_label`; examples without any are counted apart (`unscored`), never as misses.
+
+  Also other_question_hit@k, for the same three: whether the picks include a frame that
+  another question about the video asks for (other_labels at least `relevant_label`) and
+  this one does not, over the examples that have such frames (`other_questions`). A
+  selector that reads the question keeps it near uniform's or below; one that finds every
+  needle whatever is asked does not.
   """
 
   def step(params, frozen, batch):
@@ -265,11 +329,14 @@ def make_validation_step(
     valid, weight = batch["valid"], batch["weight"]
     relevant = (batch["labels"] >= relevant_label) & valid
     scored = weight * selection.has_relevant(relevant)
+    others = (batch["other_labels"] >= relevant_label) & ~relevant & valid
+    with_others = weight * selection.has_relevant(others)
     out = {
       "bce_sum": bce_sum,
       "bce_count": count,
       "examples": jnp.sum(weight),
       "scored": jnp.sum(scored),
+      "other_questions": jnp.sum(with_others),
     }
     for k in ks:
       picks = {
@@ -281,6 +348,8 @@ def make_validation_step(
         for metric, fn in (("recall", selection.recall_at_k), ("hit", selection.hit_at_k)):
           value = jnp.nan_to_num(fn(chosen, relevant))
           out[f"{name}{metric}_at_{k}"] = jnp.sum(value * scored)
+        other_hit = jnp.nan_to_num(selection.hit_at_k(chosen, others))
+        out[f"{name}other_question_hit_at_{k}"] = jnp.sum(other_hit * with_others)
     return out
 
   return step

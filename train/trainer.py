@@ -103,11 +103,10 @@ def check_config(config, runtime: bool = True):
     step_lib.scaled_lr(config.train, config.data.global_batch_size)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if config.train.other_question_weight <= 0:
-    raise ConfigError(
-      f"train.other_question_weight must be positive (1: the paper's BCE), got "
-      f"{config.train.other_question_weight}"
-    )
+  try:
+    step_lib.ImportanceLoss.from_config(config.train)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if not runtime:
     return selector_cfg, ratio
   if config.data.source == "array_record" and not config.data.train_path:
@@ -680,7 +679,7 @@ def run(config, workdir: str | None = None) -> dict:
         vision_abstract=vision_abstract,
         mesh=mesh,
         attention=attention,
-        other_question_weight=config.train.other_question_weight,
+        importance_loss=step_lib.ImportanceLoss.from_config(config.train),
       ),
       param_shardings=param_shardings,
       frozen_shardings=frozen_shardings,
@@ -706,7 +705,8 @@ def run(config, workdir: str | None = None) -> dict:
   def validate(params):
     """validation/*: BCE, and recall@k and hit@k of NMS over the scores, of uniform sampling
     and of NMS over the labels (the ceiling), over the held-out examples with a relevant
-    candidate (validation/scored of validation/examples)."""
+    candidate (validation/scored of validation/examples); where the records have
+    other_labels, other_question_hit@k over validation/other_questions of them."""
     if eval_source is None or len(eval_source) == 0:
       return {}
     steps, batches = validation_batches(
@@ -736,8 +736,13 @@ def run(config, workdir: str | None = None) -> dict:
       "validation/scored": totals["scored"],
     }
     for key, value in totals.items():
-      if "_at_" in key:
+      if "other_question_" in key:
+        if totals["other_questions"]:  # records with other_labels only
+          results[f"validation/{key}"] = value / totals["other_questions"]
+      elif "_at_" in key:
         results[f"validation/{key}"] = value / scored
+    if totals["other_questions"]:
+      results["validation/other_questions"] = totals["other_questions"]
     return results
 
   writer = MetricWriter(workdir, enabled=is_chief)

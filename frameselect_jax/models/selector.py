@@ -40,9 +40,9 @@ class SelectorConfig:
   remat: str = "none"  # activation checkpointing of each block (layers.REMAT_POLICIES)
   # "query_mlp": the paper's head (the query's hidden state -> MLP -> n logits);
   # "frame_query": each frame's own hidden state scored against the query's, which reads
-  # the question alone (see Selector.score); "token_query": the same head on each of a
-  # frame's g*g token states, the frame's score their maximum (a small object is then not
-  # averaged away with the rest of the frame).
+  # the question alone (see Selector.score); "token_query": the same head matching each of
+  # a frame's g*g token states, the frame's match its best token's (a small object is then
+  # not averaged away with the rest of the frame; FrameQueryHead).
   score_head: str = "query_mlp"
 
   @property
@@ -138,8 +138,14 @@ class FrameQueryHead(nnx.Module):
     self.use_running_average = True
 
   def __call__(self, frames, query):
-    """frames (b, n, d): mean hidden state of each frame's tokens, or (b, n, t, d): each
-    token's state (a score per token); query (b, d)."""
+    """frames (b, n, d): each frame's mean hidden state, or (b, n, t, d): each of its
+    tokens' states; query (b, d) -> logits (b, n).
+
+    With tokens, the match is each token's, and the frame takes its best token's: where in
+    the frame the asked thing is. The frame-alone term reads the frame's mean state and
+    stays outside that maximum, so it can put a frame below others whatever its tokens
+    are (a card no question asks for below the background; inside the maximum a frame
+    could not go below its own background tokens)."""
     q = _rms_normalize(query, self.eps)
     if self.use_running_average:
       mean = self.query_mean[...]
@@ -149,10 +155,14 @@ class FrameQueryHead(nnx.Module):
         1 - self.momentum
       ) * jax.lax.stop_gradient(mean)
     q = self.query_proj(self.query_norm(q - mean)).astype(jnp.float32)
-    frames = self.frame_norm(frames)
-    f = self.frame_proj(frames).astype(jnp.float32)
-    prior = frames.astype(jnp.float32) @ self.frame_prior[...]
-    return jnp.einsum("b...d,bd->b...", f, q) / jnp.sqrt(f.shape[-1]) + prior + self.bias[...]
+    normed = self.frame_norm(frames)
+    f = self.frame_proj(normed).astype(jnp.float32)
+    match = jnp.einsum("b...d,bd->b...", f, q) / jnp.sqrt(f.shape[-1])
+    if frames.ndim == 4:  # (b, n, t, d): the best token's match, the mean token's prior
+      match = jnp.max(match, axis=2)
+      normed = jnp.mean(normed, axis=2)
+    prior = normed.astype(jnp.float32) @ self.frame_prior[...]
+    return match + prior + self.bias[...]
 
 
 class Selector(nnx.Module):
@@ -247,10 +257,9 @@ class Selector(nnx.Module):
         attention=attention,
       )
       frames = frames.reshape(b, n, self.config.tokens_per_frame, -1).astype(jnp.float32)
-      if self.config.score_head == "token_query":
-        logits = jnp.max(self.score_head(frames, query[:, 0]), axis=2)
-      else:
-        logits = self.score_head(jnp.mean(frames, axis=2), query[:, 0])
+      if self.config.score_head == "frame_query":
+        frames = jnp.mean(frames, axis=2)
+      logits = self.score_head(frames, query[:, 0])
     return jnp.where(valid, logits, -jnp.inf)
 
   def instruction_logits(
