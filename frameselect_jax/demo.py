@@ -50,6 +50,20 @@ def _command(*args) -> list[str]:
   return [sys.executable, "-m", *args]
 
 
+def _needle_steps() -> tuple[int, int]:
+  """num_steps of configs/needle.py's stages 1 and 2, read by a command run from the
+  repository root, as the trainer reads the config (the library imports no configs)."""
+  code = (
+    "from configs import needle; "
+    "print(*(needle.get_config(f'stage={s}').train.num_steps for s in (1, 2)))"
+  )
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  if done.returncode != 0:
+    raise RuntimeError(f"could not read configs/needle.py's steps: {done.stderr.strip()}")
+  first, second = (int(v) for v in done.stdout.split())
+  return first, second
+
+
 def _run(stage: str, command: list[str]) -> None:
   done = subprocess.run(command)
   if done.returncode != 0:
@@ -71,7 +85,7 @@ def run(out: str = "demo_out", small: bool = False) -> dict:
   os.makedirs(out, exist_ok=True)
   needle, labels, tfds_dir = (os.path.join(out, d) for d in ("needle", "labels", "tfds"))
   stage1, stage2 = (os.path.join(out, "workdirs", f"stage{s}") for s in (1, 2))
-  steps = (30, 10) if small else (1600, 600)
+  steps = (30, 10) if small else _needle_steps()
   times = {}
 
   def stage(name, function):

@@ -37,3 +37,13 @@ def test_the_main_job_runs_every_stage_end_to_end(tmp_path):
   assert (out / "eval" / "accuracy_vs_frames.png").stat().st_size > 0
   assert (out / "selection.png").stat().st_size > 0
   assert "nms_greedy - uniform at k=4" in proc.stdout and "stage times:" in proc.stdout
+
+
+def test_the_full_demo_trains_as_many_steps_as_the_needle_config_says(monkeypatch):
+  from configs import needle
+
+  from frameselect_jax import demo
+
+  monkeypatch.chdir(REPO)
+  expected = tuple(needle.get_config(f"stage={s}").train.num_steps for s in (1, 2))
+  assert demo._needle_steps() == expected
