@@ -41,7 +41,6 @@ def test_the_main_job_runs_every_stage_end_to_end(tmp_path):
 
 def test_the_full_demo_trains_as_many_steps_as_the_needle_config_says(monkeypatch):
   from configs import needle
-
   from frameselect_jax import demo
 
   monkeypatch.chdir(REPO)
