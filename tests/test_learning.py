@@ -29,7 +29,7 @@ def test_the_selector_learns_to_find_the_asked_needle(tmp_path):
     stage1,
     *SMALL,
     f"--config.data.needle.dir={needle_dir}",
-    "--config.train.num_steps=240",
+    "--config.train.num_steps=160",
     timeout=600,
   )
   final = [m for m in read_metrics(stage1) if "validation/recall_at_4" in m][-1]
