@@ -197,10 +197,10 @@ def importance_sums(model, batch, attention=None, loss: ImportanceLoss = Importa
   )
   total = jnp.sum(bce * mask)
   if loss.listwise_weight:
-    target_mass = jnp.sum(jnp.where(valid, labels, 0.0), axis=-1, keepdims=True)
-    target = jnp.where(valid, labels, 0.0) / jnp.maximum(target_mass, 1e-9)
+    valid_labels = jnp.where(valid, labels, 0.0)
+    target = valid_labels / jnp.maximum(jnp.sum(valid_labels, axis=-1, keepdims=True), 1e-9)
     log_p = jax.nn.log_softmax(jnp.where(valid, logits, -1e9), axis=-1)
-    listwise = -jnp.sum(jnp.where(valid, target * log_p, 0.0), axis=-1)
+    listwise = -jnp.sum(target * log_p, axis=-1)  # target is 0 off the valid candidates
     total = total + loss.listwise_weight * jnp.sum(listwise * jnp.sum(mask, axis=-1))
   return total, jnp.sum(mask), logits
 

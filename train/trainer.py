@@ -735,14 +735,15 @@ def run(config, workdir: str | None = None) -> dict:
       "validation/examples": totals["examples"],
       "validation/scored": totals["scored"],
     }
+    others = totals["other_questions"]  # 0 unless the records have other_labels
+    if others:
+      results["validation/other_questions"] = others
     for key, value in totals.items():
       if "other_question_" in key:
-        if totals["other_questions"]:  # records with other_labels only
-          results[f"validation/{key}"] = value / totals["other_questions"]
+        if others:
+          results[f"validation/{key}"] = value / others
       elif "_at_" in key:
         results[f"validation/{key}"] = value / scored
-    if totals["other_questions"]:
-      results["validation/other_questions"] = totals["other_questions"]
     return results
 
   writer = MetricWriter(workdir, enabled=is_chief)
