@@ -1,0 +1,568 @@
+"""python -m train.plan --config=configs/stage2.py --topologies=v5e:4x4,v5p:2x2x1 [--out=DIR]
+
+Plans a pod run from a CPU host (needs libtpu, no TPU). For each topology it searches
+  - the meshes: every data x fsdp x tensor factorisation of the chips whose tensor size
+    divides the model's attention heads and MLP width (`mesh_shapes`);
+  - the remat policies (model.remat, models/layers.REMAT_POLICIES);
+  - the global batch, in multiples of the batch axes (data x fsdp): the largest whose step
+    fits the chip's HBM less the headroom.
+Each candidate (mesh, policy) gets its largest batch economically: memory per chip grows
+close to linearly with the per-replica batch, so two small compiles (1 and 2 examples per
+replica) predict it, one compile at the prediction confirms it and one at the next size up
+must not fit; when the prediction is off, the next guess comes from the two nearest points
+measured, bounded by what is known to fit and not to fit. Every compile is the train step the
+trainer runs (`train.aot.compile_report`), and its result is cached on disk under a key of
+what determines it (`cache_key`), so a rerun or an extended sweep compiles only what is new.
+
+Writes plan.md, plan.json and examples_per_s.png (examples/s against the global batch per
+topology) to --out, and prints the Markdown. The fastest candidate per topology (examples/s
+at its largest batch) is marked, and compared with the config's own mesh and remat policy at
+its own batch (the default). train.lr_scaling scales the learning rate with each batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from frameselect_jax import errors
+
+config_flags.DEFINE_config_file(
+  "config", None, "Experiment config (configs/*.py[:arg]).", lock_config=True
+)
+flags.DEFINE_list("topologies", None, "TPU topologies, e.g. v5e:4x4,v5e:16x16,v5p:2x2x1,v6e:4x4.")
+flags.DEFINE_list(
+  "remats", None, "remat policies to search (default: all of models/layers.REMAT_POLICIES)."
+)
+flags.DEFINE_list(
+  "meshes", None, "only these meshes, as data:fsdp:tensor (default: every one allowed)."
+)
+flags.DEFINE_float("headroom", 0.1, "fraction of HBM kept free: a batch fits below (1-h) x HBM.")
+flags.DEFINE_float(
+  "hbm_gib", None, "plan for chips with this much HBM instead of the published figure."
+)
+flags.DEFINE_integer(
+  "max_per_replica", 4096, "the search never goes past this many examples per replica."
+)
+flags.DEFINE_string("out", "plan_out", "folder for plan.md, plan.json and examples_per_s.png.")
+flags.DEFINE_string(
+  "cache_dir", None, "compiled results, one JSON per compile (default: <out>/compile_cache)."
+)
+
+MAX_COMPILES_PER_CANDIDATE = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+  data: int
+  fsdp: int
+  tensor: int
+
+  @property
+  def replicas(self) -> int:  # the batch axes
+    return self.data * self.fsdp
+
+  def __str__(self):
+    return f"{self.data}x{self.fsdp}x{self.tensor}"
+
+
+def mesh_shapes(chips: int, selector_cfg, cached: bool) -> list[Mesh]:
+  """Every (data, fsdp, tensor) with data x fsdp x tensor = chips whose tensor size divides
+  the LLM's attention heads and MLP width (and the vision tower's, when it runs)."""
+  llm, vision = selector_cfg.llm, selector_cfg.vision
+  sizes = [llm.num_attention_heads, llm.intermediate_size]
+  if not cached:
+    sizes += [vision.num_attention_heads, vision.intermediate_size]
+  out = []
+  for tensor in range(1, chips + 1):
+    if chips % tensor or any(s % tensor for s in sizes):
+      continue
+    rest = chips // tensor
+    out += [Mesh(rest // fsdp, fsdp, tensor) for fsdp in range(1, rest + 1) if rest % fsdp == 0]
+  return out
+
+
+def parse_mesh(text: str) -> Mesh:
+  try:
+    data, fsdp, tensor = (int(x) for x in text.split(":"))
+  except ValueError:
+    raise errors.InputError(f"--meshes: {text!r} is not data:fsdp:tensor, e.g. 4:1:2") from None
+  return Mesh(data, fsdp, tensor)
+
+
+# --- One compile, cached ---
+
+# Config fields that change neither memory nor the step's cost: left out of the cache key.
+NOT_IN_KEY = {"train": ("lr", "lr_scaling", "lr_reference_batch", "epochs", "num_steps")}
+
+
+def point_config(config, mesh: Mesh, remat: str, global_batch: int):
+  c = copy.deepcopy(config)
+  c.unlock()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh.data, mesh.fsdp, mesh.tensor
+  c.model.remat = remat
+  c.data.global_batch_size = global_batch
+  return c
+
+
+def versions() -> dict:
+  import importlib.metadata
+
+  import jax
+
+  out = {"jax": jax.__version__}
+  try:
+    out["libtpu"] = importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    out["libtpu"] = None
+  return out
+
+
+def cache_key(config, topology: str) -> str:
+  """SHA-256 of what determines a compile: the model, data shapes, LoRA, trainables, optimizer
+  and mesh sections of the config (with its remat and batch), the stage, the topology and
+  the versions of jax and libtpu."""
+  parts = {}
+  for section in ("model", "data", "lora", "train", "mesh"):
+    values = config[section].to_dict()
+    for name in NOT_IN_KEY.get(section, ()):
+      values.pop(name, None)
+    parts[section] = values
+  parts.update(stage=config.stage, topology=topology, versions=versions())
+  text = json.dumps(parts, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class Compiler:
+  """Compiles points through train.aot, or reads them from the cache; counts what it did."""
+
+  def __init__(self, config, cache_dir: str, hbm_bytes: float | None):
+    self.config, self.cache_dir, self.hbm_bytes = config, cache_dir, hbm_bytes
+    self.compiles, self.cached, self.compile_s = 0, 0, 0.0
+    os.makedirs(cache_dir, exist_ok=True)
+
+  def __call__(self, topology: str, mesh: Mesh, remat: str, global_batch: int) -> dict:
+    from train import aot
+
+    config = point_config(self.config, mesh, remat, global_batch)
+    path = os.path.join(self.cache_dir, cache_key(config, topology) + ".json")
+    if os.path.exists(path):
+      with open(path) as f:
+        result = json.load(f)
+      self.cached += 1
+    else:
+      start = time.perf_counter()
+      report = aot.compile_report(config, topology)
+      seconds = time.perf_counter() - start
+      result = {
+        "topology": topology,
+        "mesh": str(mesh),
+        "remat": remat,
+        "global_batch": global_batch,
+        "chips": report["chips"],
+        "chip": report["chip"],
+        "seconds": seconds,
+        **combine_tasks(report["tasks"], config.train.task_ratio),
+      }
+      errors.write_atomically(path, json.dumps(result, indent=1))
+      self.compiles += 1
+      self.compile_s += seconds
+    return result
+
+  def usable_hbm(self, result: dict) -> float:
+    return self.hbm_bytes if self.hbm_bytes is not None else result["hbm_bytes"]
+
+
+def combine_tasks(tasks: dict, task_ratio: str) -> dict:
+  """One figure per compile from the steps of the tasks a stage runs (stage 1 alternates
+  instruction and importance batches): memory is the largest step's, times are averaged
+  with the task ratio's weights."""
+  from train import trainer
+
+  if len(tasks) == 1:
+    return next(iter(tasks.values()))
+  failed = [r for r in tasks.values() if "compile_error" in r]
+  if failed:
+    return failed[0]
+  weights = dict(zip(("instruction", "importance"), trainer.parse_task_ratio(task_ratio)))
+  total = sum(weights[t] for t in tasks)
+  mean = lambda key: sum(weights[t] * r[key] for t, r in tasks.items()) / total
+  largest = max(tasks.values(), key=lambda r: r["total_bytes"])
+  out = {**largest}
+  for key in ("compute_bound_s", "memory_bound_s", "ici_bound_s", "estimated_step_s"):
+    out[key] = mean(key)
+  out["model_flops"] = mean("model_flops")
+  out["implied_mfu"] = mean("implied_mfu")
+  return out
+
+
+def fits(result: dict, limit: float) -> bool:
+  return "compile_error" not in result and result["total_bytes"] <= limit
+
+
+def linear_fit(points: dict[int, float], near: int) -> tuple[float, float] | None:
+  """(intercept, slope) of memory against per-replica batch through the two measured points
+  nearest `near`; None with fewer than two."""
+  known = sorted(points, key=lambda b: (abs(b - near), b))[:2]
+  if len(known) < 2:
+    return None
+  (b1, m1), (b2, m2) = sorted((b, points[b]) for b in known)
+  slope = (m2 - m1) / (b2 - b1)
+  return m1 - slope * b1, slope
+
+
+def predict_largest(points: dict[int, float], limit: float, near: int, cap: int) -> int:
+  fit = linear_fit(points, near)
+  if fit is None:
+    return cap
+  intercept, slope = fit
+  if slope <= 0:
+    return cap
+  return max(1, min(cap, math.floor((limit - intercept) / slope)))
+
+
+def search_candidate(compile_point, topology, mesh, remat, limit_of, cap) -> dict:
+  """The largest per-replica batch that fits, for one (mesh, remat): compiles at 1 and 2
+  examples per replica predict it; then each next compile is the prediction from the two
+  points measured nearest the last one, kept strictly between the largest batch known to fit
+  and the smallest known not to (or one above the former, to confirm it), until they are
+  neighbours. A correct prediction costs two compiles after the first two.
+
+  Returns {"predicted": int | None (from the first two compiles), "largest": int | None
+  (None: not even one example per replica fits), "points": {per-replica batch: result}}."""
+  points, memory = {}, {}
+  fit_below, no_fit_above = 0, cap + 1  # largest known to fit, smallest known not to
+
+  def measure(b):
+    nonlocal fit_below, no_fit_above
+    result = compile_point(topology, mesh, remat, b * mesh.replicas)
+    points[b] = result
+    if "compile_error" not in result:
+      memory[b] = result["total_bytes"]
+    if fits(result, limit_of(result)):
+      fit_below = max(fit_below, b)
+    else:
+      no_fit_above = min(no_fit_above, b)
+
+  def next_guess(near):
+    predicted = predict_largest(memory, limit_of(points[1]), near, cap)
+    return fit_below + 1 if predicted <= fit_below else min(predicted, no_fit_above - 1)
+
+  measure(1)
+  if fit_below < 1:
+    return {"predicted": None, "largest": None, "points": points}
+  if cap >= 2:
+    measure(2)
+  predicted = predict_largest(memory, limit_of(points[1]), 2, cap)
+  guess = next_guess(2)
+  for _ in range(MAX_COMPILES_PER_CANDIDATE):
+    if no_fit_above - fit_below <= 1:
+      break
+    measure(guess)
+    guess = next_guess(guess)
+  return {"predicted": predicted, "largest": fit_below, "points": points}
+
+
+# --- The plan ---
+
+
+def estimate(result: dict, train_config) -> dict:
+  from train import step as step_lib
+
+  step_s = result["estimated_step_s"]
+  return {
+    "global_batch": result["global_batch"],
+    "memory_per_chip_bytes": result["total_bytes"],
+    "compute_bound_s": result["compute_bound_s"],
+    "memory_bound_s": result["memory_bound_s"],
+    "ici_bound_s": result["ici_bound_s"],
+    "estimated_step_s": step_s,
+    "examples_per_s": result["global_batch"] / step_s,
+    "implied_mfu": result["implied_mfu"],
+    "lr": step_lib.scaled_lr(train_config, result["global_batch"]),
+  }
+
+
+def plan_topology(config, topology, meshes, remats, compile_point, limit_of, cap, bar) -> dict:
+  candidates = []
+  for mesh in meshes:
+    for remat in remats:
+      found = search_candidate(compile_point, topology, mesh, remat, limit_of, cap)
+      entry = {
+        "mesh": str(mesh),
+        "remat": remat,
+        "predicted_per_replica": found["predicted"],
+        "largest_per_replica": found["largest"],
+        "points": {
+          str(b): {
+            "global_batch": r["global_batch"],
+            "fits": fits(r, limit_of(r)),
+            **(
+              {"compile_error": r["compile_error"]}
+              if "compile_error" in r
+              else {"memory_per_chip_bytes": r["total_bytes"], **estimate(r, config.train)}
+            ),
+          }
+          for b, r in sorted(found["points"].items())
+        },
+      }
+      if found["largest"]:
+        entry["best"] = estimate(found["points"][found["largest"]], config.train)
+      candidates.append(entry)
+      bar.update(1)
+  return {"candidates": candidates}
+
+
+def default_point(config, topology, devices, compile_point, limit_of) -> dict:
+  """The config's own mesh (its -1 axis resolved for this topology), remat and batch."""
+  sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+  known = math.prod(s for s in sizes if s != -1)
+  if devices % known:
+    return {"error": f"the config's mesh {sizes} does not divide {devices} chips"}
+  mesh = Mesh(*[devices // known if s == -1 else s for s in sizes])
+  batch = config.data.global_batch_size
+  if batch % mesh.replicas:
+    return {
+      "mesh": str(mesh),
+      "error": f"its global batch {batch} is not a multiple of data x fsdp = {mesh.replicas}",
+    }
+  result = compile_point(topology, mesh, config.model.remat, batch)
+  out = {"mesh": str(mesh), "remat": config.model.remat, "fits": fits(result, limit_of(result))}
+  if "compile_error" in result:
+    return {**out, "compile_error": result["compile_error"]}
+  return {**out, **estimate(result, config.train)}
+
+
+def run_plan(
+  config,
+  topologies,
+  *,
+  remats=None,
+  meshes=None,
+  headroom=0.1,
+  hbm_gib=None,
+  max_per_replica=4096,
+  cache_dir,
+  progress=True,
+) -> dict:
+  from tqdm import tqdm
+
+  from frameselect_jax.models.layers import REMAT_POLICIES, remat_policy_name
+  from train import aot, trainer
+  from train import step as step_lib
+
+  if not 0 <= headroom < 1:
+    raise errors.InputError(f"--headroom={headroom} must be in [0, 1)")
+  remats = list(remats or REMAT_POLICIES)
+  for r in remats:
+    if r not in REMAT_POLICIES:
+      raise errors.InputError(f"--remats: {r!r} is none of {REMAT_POLICIES}")
+  config.model.remat = remat_policy_name(config.model.remat)
+  selector_cfg, _ = trainer.check_config(config, runtime=False)
+  try:
+    step_lib.scaled_lr(config.train, config.data.global_batch_size)
+  except ValueError as e:
+    raise errors.InputError(str(e)) from None
+  cached = bool(config.data.cache_visual_tokens)
+  hbm_bytes = None if hbm_gib is None else hbm_gib * aot.GIB
+  compiler = Compiler(config, cache_dir, hbm_bytes)
+  limit_of = lambda result: (1 - headroom) * compiler.usable_hbm(result)
+  plans, work = {}, []
+  for topology in topologies:
+    chips = len(aot.topology_devices(topology))
+    allowed = mesh_shapes(chips, selector_cfg, cached)
+    chosen = allowed if not meshes else [m for m in meshes if m in allowed]
+    if meshes and not chosen:
+      raise errors.InputError(
+        f"--meshes: none of {[str(m) for m in meshes]} is allowed on {topology} ({chips} "
+        f"chips); allowed: {', '.join(str(m) for m in allowed)}"
+      )
+    work.append((topology, chips, chosen))
+  total = sum(len(chosen) * len(remats) for _, _, chosen in work)
+  with tqdm(total=total, desc="planning (mesh, remat) candidates", disable=not progress) as bar:
+    for topology, chips, chosen in work:
+      before = (compiler.compiles, compiler.cached, compiler.compile_s)
+      plan = plan_topology(
+        config, topology, chosen, remats, compiler, limit_of, max_per_replica, bar
+      )
+      plan["default"] = default_point(config, topology, chips, compiler, limit_of)
+      plan["chips"] = chips
+      plan["compiles"] = compiler.compiles - before[0]
+      plan["cached_results"] = compiler.cached - before[1]
+      plan["compile_s"] = compiler.compile_s - before[2]
+      best = [c for c in plan["candidates"] if "best" in c]
+      fastest = max(best, key=lambda c: c["best"]["examples_per_s"]) if best else None
+      plan["fastest"] = f"{fastest['mesh']}/{fastest['remat']}" if fastest else None
+      plans[topology] = plan
+  return {
+    "config": {
+      "llm": config.model.llm,
+      "vision": config.model.vision,
+      "stage": config.stage,
+      "frames": selector_cfg.num_candidates,
+      "tokens_per_frame": selector_cfg.tokens_per_frame,
+      "cached_visual_tokens": cached,
+      "global_batch": config.data.global_batch_size,
+      "remat": config.model.remat,
+      "lr": float(config.train.lr),
+      "lr_scaling": config.train.get("lr_scaling", "none"),
+      "lr_reference_batch": config.train.get("lr_reference_batch", 0),
+    },
+    "headroom": headroom,
+    "hbm_gib": hbm_gib,
+    "remats": remats,
+    "versions": versions(),
+    "topologies": plans,
+  }
+
+
+# --- Reports ---
+
+
+def _gib(b):
+  return f"{b / 1024**3:.2f}"
+
+
+def markdown(plan: dict) -> str:
+  c = plan["config"]
+  lines = [
+    f"# Pod-run plan: {c['llm']} + {c['vision']}, stage {c['stage']}, {c['frames']} frames x "
+    f"{c['tokens_per_frame']} tokens",
+    "",
+    f"A batch fits when the step needs at most {100 * (1 - plan['headroom']):.0f}% of a chip's "
+    "HBM"
+    + (f" ({plan['hbm_gib']} GiB chips, not the published figure)" if plan["hbm_gib"] else "")
+    + f". Learning rate: {c['lr']:g} at the config's batch {c['global_batch']}, scaling "
+    f"{c['lr_scaling']}"
+    + (f" from batch {c['lr_reference_batch']}" if c["lr_scaling"] != "none" else "")
+    + ". Step time is a roofline: the largest of the compute, HBM and ICI bounds.",
+  ]
+  for topology, p in plan["topologies"].items():
+    lines += [
+      "",
+      f"## {topology} ({p['chips']} chips): {p['compiles']} compiles in {p['compile_s']:.0f} s, "
+      f"{p['cached_results']} results from the cache",
+      "",
+      "| mesh (data x fsdp x tensor) | remat | largest batch per replica: predicted / confirmed "
+      "| global batch | lr | memory per chip (GiB) | compute / HBM / ICI bound (ms) "
+      "| step (ms) | examples/s | implied MFU | |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cand in p["candidates"]:
+      mark = "**fastest**" if f"{cand['mesh']}/{cand['remat']}" == p["fastest"] else ""
+      if "best" not in cand:
+        lines.append(f"| {cand['mesh']} | {cand['remat']} | - / none fits | | | | | | | | |")
+        continue
+      b = cand["best"]
+      lines.append(
+        f"| {cand['mesh']} | {cand['remat']} | {cand['predicted_per_replica']} / "
+        f"{cand['largest_per_replica']} | {b['global_batch']} | {b['lr']:.3g} "
+        f"| {_gib(b['memory_per_chip_bytes'])} | {1e3 * b['compute_bound_s']:.1f} / "
+        f"{1e3 * b['memory_bound_s']:.1f} / {1e3 * b['ici_bound_s']:.1f} "
+        f"| {1e3 * b['estimated_step_s']:.1f} | {b['examples_per_s']:.1f} "
+        f"| {100 * b['implied_mfu']:.1f}% | {mark} |"
+      )
+    d = p["default"]
+    if "examples_per_s" in d:
+      lines += [
+        "",
+        f"The config's default ({d['mesh']}, remat {d['remat']}, batch {d['global_batch']}): "
+        f"{_gib(d['memory_per_chip_bytes'])} GiB per chip "
+        f"({'fits' if d['fits'] else 'does not fit'}), "
+        f"step {1e3 * d['estimated_step_s']:.1f} ms, {d['examples_per_s']:.1f} examples/s, "
+        f"implied MFU {100 * d['implied_mfu']:.1f}%.",
+      ]
+    else:
+      lines += ["", f"The config's default: {d.get('error') or d.get('compile_error')}."]
+  return "\n".join(lines) + "\n"
+
+
+def plot(plan: dict, path: str) -> str:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from frameselect_jax import plot as plot_lib
+
+  topologies = list(plan["topologies"])
+  figure, axes = plt.subplots(1, len(topologies), figsize=(5 * len(topologies), 4), squeeze=False)
+  for ax, topology in zip(axes[0], topologies):
+    p = plan["topologies"][topology]
+    for cand in p["candidates"]:
+      points = [v for v in cand["points"].values() if v.get("fits")]
+      if not points:
+        continue
+      points.sort(key=lambda v: v["global_batch"])
+      ax.plot(
+        [v["global_batch"] for v in points],
+        [v["examples_per_s"] for v in points],
+        marker="o",
+        label=f"{cand['mesh']} {cand['remat']}",
+      )
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"{topology} ({p['chips']} chips)")
+    ax.set_xlabel("global batch (fitting compiles)")
+    ax.set_ylabel("estimated examples/s")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+  figure.tight_layout()
+  plot_lib.save_figure(figure, path)
+  plt.close(figure)
+  return path
+
+
+def write_reports(plan: dict, out_dir: str) -> dict:
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {
+    "md": os.path.join(out_dir, "plan.md"),
+    "json": os.path.join(out_dir, "plan.json"),
+    "png": os.path.join(out_dir, "examples_per_s.png"),
+  }
+  errors.write_atomically(paths["md"], markdown(plan))
+  errors.write_atomically(paths["json"], json.dumps(plan, indent=1))
+  plot(plan, paths["png"])
+  return paths
+
+
+def main(argv):
+  del argv
+  from train.trainer import ConfigError
+
+  f = flags.FLAGS
+  if not f.topologies:
+    errors.exit_with("--topologies is required, e.g. --topologies=v5e:4x4,v5p:2x2x1")
+  try:
+    meshes = [parse_mesh(m) for m in f.meshes] if f.meshes else None
+    errors.check_can_create(f.out, "--out")
+    plan = run_plan(
+      f.config,
+      f.topologies,
+      remats=f.remats,
+      meshes=meshes,
+      headroom=f.headroom,
+      hbm_gib=f.hbm_gib,
+      max_per_replica=f.max_per_replica,
+      cache_dir=f.cache_dir or os.path.join(f.out, "compile_cache"),
+    )
+  except ConfigError as e:
+    errors.exit_with(str(e), prefix="config error")
+  except errors.InputError as e:
+    errors.exit_with(str(e))
+  paths = write_reports(plan, f.out)
+  print(markdown(plan))
+  print(f"wrote {paths['md']}, {paths['json']} and {paths['png']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main, flags_parser=errors.parse_flags)
