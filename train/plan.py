@@ -77,9 +77,10 @@ class Mesh:
 
 def mesh_shapes(chips: int, selector_cfg, cached: bool) -> list[Mesh]:
   """Every (data, fsdp, tensor) with data x fsdp x tensor = chips whose tensor size divides
-  the LLM's attention heads and MLP width (and the vision tower's, when it runs)."""
+  the LLM's query and key-value heads and MLP width (and the vision tower's heads and MLP,
+  when it runs): a tensor split of the KV heads would make the attention gather them."""
   llm, vision = selector_cfg.llm, selector_cfg.vision
-  sizes = [llm.num_attention_heads, llm.intermediate_size]
+  sizes = [llm.num_attention_heads, llm.num_key_value_heads, llm.intermediate_size]
   if not cached:
     sizes += [vision.num_attention_heads, vision.intermediate_size]
   out = []
