@@ -65,6 +65,27 @@ def test_tiny_stage1_compiles_for_v5e_2x2(tmp_path):
 
 
 @needs_libtpu
+def test_a_cached_compile_is_read_back_not_recompiled(tmp_path):
+  """--cache_dir keeps each program's compile under the hash of the lowered program: a second
+  run reads the same figures back; a config that changes the program compiles anew."""
+  args = ("--config=configs/stage2.py:tiny", "--topology=v5e:2x2", f"--cache_dir={tmp_path}/c")
+  runs = []
+  for extra in ((), (), ("--config.data.global_batch_size=16",)):
+    out = tmp_path / f"report{len(runs)}.json"
+    proc = compile_step(*args, *extra, f"--json_out={out}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs.append((json.loads(out.read_text())["tasks"]["importance"], proc.stdout))
+  (first, _), (again, stdout), (bigger, _) = runs
+  assert not first["cached"] and again["cached"] and not bigger["cached"]
+  assert "from the cache" in stdout
+  assert {k: v for k, v in again.items() if k != "cached"} == {
+    k: v for k, v in first.items() if k != "cached"
+  }
+  assert bigger["argument_bytes"] > first["argument_bytes"]  # twice the batch in the arguments
+  assert len(list((tmp_path / "c").glob("*.json"))) == 2
+
+
+@needs_libtpu
 def test_hbm_traffic_is_counted_through_the_gradient_accumulation_loop(tmp_path):
   # The accumulation loop carries no trip-count annotation: the count reads it off the loop.
   out = tmp_path / "report.json"

@@ -28,6 +28,8 @@ came back negative):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 import time
@@ -100,7 +102,10 @@ def topology_devices(name: str):
     ) from None
 
 
-def compile_report(config, topology: str) -> dict:
+def compile_report(config, topology: str, cache_dir: str | None = None) -> dict:
+  """The report of the config's train step(s) compiled for `topology`. With `cache_dir`, the
+  compiler's figures of each step are read from there when that program was compiled before
+  (`compiler_figures`), and written there when it was not."""
   from train import modeling, trainer
   from train import step as step_lib
 
@@ -179,36 +184,23 @@ def compile_report(config, topology: str) -> dict:
       batch_shardings=batch_shardings,
       mesh=mesh,
     )
-    start = time.perf_counter()
-    try:
-      compiled = jitted.lower(params, frozen, opt_state, batch).compile()
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      # The TPU compiler refuses programs that cannot fit; its message has the numbers.
-      report["tasks"][task] = {
-        "fits": False,
-        "hbm_bytes": chip.hbm_bytes,
-        "compile_error": str(e).strip().splitlines()[0],
-      }
+    figures = compiler_figures(jitted.lower(params, frozen, opt_state, batch), topology, cache_dir)
+    if "compile_error" in figures:
+      report["tasks"][task] = {"fits": False, "hbm_bytes": chip.hbm_bytes, **figures}
       continue
-    compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     model_flops, hardware_flops = step_flops(
       config, selector_cfg, task, cached, report["attention"]
     )
     chips = len(devices)
     per_device_bytes = (
-      memory.argument_size_in_bytes
-      + memory.output_size_in_bytes
-      - memory.alias_size_in_bytes
-      + memory.temp_size_in_bytes
+      figures["argument_bytes"]
+      + figures["output_bytes"]
+      - figures["alias_bytes"]
+      + figures["temp_bytes"]
     )
     compute_s = hardware_flops / chips / chip.peak_bf16_flops
-    compiler_bytes = float(cost.get("bytes accessed", 0.0))
-    hbm_traffic = hbm_bytes_accessed(compiled.as_text())
+    compiler_bytes = figures["compiler_bytes_accessed_per_device"]
+    hbm_traffic = figures["hbm_traffic_per_device"]
     memory_s = (compiler_bytes if hbm_traffic is None else hbm_traffic) / chip.hbm_bytes_per_s
     ici_s = (
       ici_bytes_per_chip(
@@ -218,20 +210,12 @@ def compile_report(config, topology: str) -> dict:
     )
     step_s = max(compute_s, memory_s, ici_s)
     report["tasks"][task] = {
-      "compile_s": compile_s,
-      "argument_bytes": memory.argument_size_in_bytes,
-      "output_bytes": memory.output_size_in_bytes,
-      "alias_bytes": memory.alias_size_in_bytes,
-      "temp_bytes": memory.temp_size_in_bytes,
+      **figures,
       "total_bytes": per_device_bytes,
       "hbm_bytes": chip.hbm_bytes,
       "fits": per_device_bytes <= chip.hbm_bytes,
       "model_flops": model_flops,
       "hardware_flops": hardware_flops,
-      "compiler_flops_per_device": float(cost.get("flops", 0.0)),
-      "compiler_bytes_accessed_per_device": compiler_bytes,
-      "hbm_traffic_per_device": hbm_traffic,
-      "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
       "compute_bound_s": compute_s,
       "memory_bound_s": memory_s,
       "ici_bound_s": ici_s,
@@ -239,6 +223,69 @@ def compile_report(config, topology: str) -> dict:
       "implied_mfu": model_flops / (step_s * chips * chip.peak_bf16_flops),
     }
   return report
+
+
+def versions() -> dict:
+  """The versions that decide what a compile produces, besides the program itself."""
+  import importlib.metadata
+
+  out = {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib")}
+  try:
+    out["libtpu"] = importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    out["libtpu"] = None
+  return out
+
+
+def program_key(lowered, topology: str) -> str:
+  """SHA-256 of what determines a compile: the lowered program (every shape, sharding, remat
+  and donation is in its text), the topology it is compiled for, the versions of jax, jaxlib
+  and libtpu, and the compiler flags set in the environment. A change to the model code that
+  leaves the program as it was keeps the key; any change that alters it makes a new one."""
+  digest = hashlib.sha256(lowered.as_text().encode())
+  flags = {name: os.environ.get(name, "") for name in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")}
+  digest.update(json.dumps({"topology": topology, **versions(), **flags}, sort_keys=True).encode())
+  return digest.hexdigest()[:32]
+
+
+def compiler_figures(lowered, topology: str, cache_dir: str | None = None) -> dict:
+  """What only the compiler knows about one step: its memory per device, its FLOP and byte
+  counts and its HBM traffic; or {"compile_error": ...} when the TPU compiler refuses it for
+  lack of memory. "compile_s" is how long the compile took, "cached" whether it was read
+  from `cache_dir` (one JSON per program_key) instead."""
+  path = None
+  if cache_dir:
+    path = os.path.join(cache_dir, program_key(lowered, topology) + ".json")
+    if os.path.exists(path):
+      with open(path) as f:
+        return {**json.load(f), "cached": True}
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler refuses programs that cannot fit; its message has the numbers.
+    figures = {"compile_error": str(e).strip().splitlines()[0]}
+  else:
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    figures = {
+      "argument_bytes": memory.argument_size_in_bytes,
+      "output_bytes": memory.output_size_in_bytes,
+      "alias_bytes": memory.alias_size_in_bytes,
+      "temp_bytes": memory.temp_size_in_bytes,
+      "compiler_flops_per_device": float(cost.get("flops", 0.0)),
+      "compiler_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+      "hbm_traffic_per_device": hbm_bytes_accessed(compiled.as_text()),
+      "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
+    }
+  figures["compile_s"] = time.perf_counter() - start
+  if path:
+    os.makedirs(cache_dir, exist_ok=True)
+    errors.write_atomically(path, json.dumps(figures, indent=1))
+  return {**figures, "cached": False}
 
 
 def format_report(report: dict) -> str:
@@ -265,7 +312,8 @@ def format_report(report: dict) -> str:
       f"{compiler} accessed counts on-chip VMEM too"
     )
     lines += [
-      f"  {task} step (compiled in {r['compile_s']:.0f} s), per device:",
+      f"  {task} step ({'from the cache, ' if r['cached'] else ''}compiled in "
+      f"{r['compile_s']:.0f} s), per device:",
       f"    memory: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
       f"aliased (donated) {gib(r['alias_bytes'])}, temporaries {gib(r['temp_bytes'])}; "
       f"total {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM -> "

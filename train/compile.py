@@ -2,7 +2,8 @@
 
 Compiles the real train step for a TPU topology from a CPU host (needs libtpu, no TPU) and
 prints per device: memory, FLOPs and step-time bounds (`train/aot.py` says what each number
-is). Exits 1 when the step does not fit the chip's HBM, 2 on a configuration error.
+is). With --cache_dir, a program compiled before is read from there (train.aot.program_key).
+Exits 1 when the step does not fit the chip's HBM, 2 on a configuration error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2, v5e:4x4, v5p:2x2x1.")
 flags.DEFINE_string("json_out", None, "Also write the report as JSON to this file.")
+flags.DEFINE_string(
+  "cache_dir", None, "Read the compile from here when this program was compiled before; store it."
+)
 
 
 def main(argv):
@@ -32,7 +36,7 @@ def main(argv):
   try:
     if flags.FLAGS.json_out:
       errors.check_can_write_file(flags.FLAGS.json_out, "--json_out")
-    report = compile_report(flags.FLAGS.config, flags.FLAGS.topology)
+    report = compile_report(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.cache_dir)
   except ConfigError as e:
     errors.exit_with(str(e), prefix="config error")
   except errors.InputError as e:

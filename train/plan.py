@@ -1,4 +1,5 @@
 """python -m train.plan --config=configs/stage2.py --topologies=v5e:4x4,v5p:2x2x1 [--out=DIR]
+    [--jobs=N] [--meshes=-1:1:1,...] [--remats=none,block,...] [--headroom=0.1]
 
 Plans a pod run from a CPU host (needs libtpu, no TPU). For each topology it searches
   - the meshes: every data x fsdp x tensor factorisation of the chips whose tensor size
@@ -9,10 +10,11 @@ Plans a pod run from a CPU host (needs libtpu, no TPU). For each topology it sea
 Each candidate (mesh, policy) gets its largest batch economically: memory per chip grows
 close to linearly with the per-replica batch, so two small compiles (1 and 2 examples per
 replica) predict it, one compile at the prediction confirms it and one at the next size up
-must not fit; when the prediction is off, the next guess comes from the two nearest points
-measured, bounded by what is known to fit and not to fit. Every compile is the train step the
-trainer runs (`train.aot.compile_report`), and its result is cached on disk under a key of
-what determines it (`cache_key`), so a rerun or an extended sweep compiles only what is new.
+must not fit; when the prediction is off, the search narrows the bracket between what is
+known to fit and not to fit (`search_candidate`). Every compile is the train step the trainer
+runs (`train.aot.compile_report`), and its figures are cached on disk under the hash of the
+lowered program, the topology and the versions (`train.aot.program_key`), so a rerun or an
+extended sweep compiles only what is new. --jobs runs that many compiles at once.
 
 Writes plan.md, plan.json and examples_per_s.png (examples/s against the global batch per
 topology) to --out, and prints the Markdown. The fastest candidate per topology (examples/s
@@ -22,14 +24,15 @@ its own batch (the default). train.lr_scaling scales the learning rate with each
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
-import hashlib
 import json
 import math
+import multiprocessing
 import os
 import sys
-import time
+import threading
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -44,7 +47,9 @@ flags.DEFINE_list(
   "remats", None, "remat policies to search (default: all of models/layers.REMAT_POLICIES)."
 )
 flags.DEFINE_list(
-  "meshes", None, "only these meshes, as data:fsdp:tensor (default: every one allowed)."
+  "meshes",
+  None,
+  "only these meshes, as data:fsdp:tensor, one axis may be -1 (default: every one allowed).",
 )
 flags.DEFINE_float("headroom", 0.1, "fraction of HBM kept free: a batch fits below (1-h) x HBM.")
 flags.DEFINE_float(
@@ -54,11 +59,12 @@ flags.DEFINE_integer(
   "max_per_replica", 4096, "the search never goes past this many examples per replica."
 )
 flags.DEFINE_string("out", "plan_out", "folder for plan.md, plan.json and examples_per_s.png.")
-flags.DEFINE_string(
-  "cache_dir", None, "compiled results, one JSON per compile (default: <out>/compile_cache)."
+flags.DEFINE_integer(
+  "jobs", 1, "compiles at a time, each in its own process (one CPU core and a few GiB each)."
 )
-
-MAX_COMPILES_PER_CANDIDATE = 12
+flags.DEFINE_string(
+  "cache_dir", None, "compiled figures, one JSON per program (default: <out>/compile_cache)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +79,14 @@ class Mesh:
 
   def __str__(self):
     return f"{self.data}x{self.fsdp}x{self.tensor}"
+
+  def resolved(self, chips: int) -> Mesh | None:
+    """The axis given as -1 takes the chips the others leave; None when they do not divide."""
+    known = math.prod(s for s in (self.data, self.fsdp, self.tensor) if s != -1)
+    if chips % known:
+      return None
+    rest = chips // known
+    return Mesh(*[rest if s == -1 else s for s in (self.data, self.fsdp, self.tensor)])
 
 
 def mesh_shapes(chips: int, selector_cfg, cached: bool) -> list[Mesh]:
@@ -93,17 +107,21 @@ def mesh_shapes(chips: int, selector_cfg, cached: bool) -> list[Mesh]:
 
 
 def parse_mesh(text: str) -> Mesh:
+  """'data:fsdp:tensor', each a positive size or one of them -1 (the rest of the chips, as in
+  the config's mesh), e.g. 4:1:2 or -1:1:2."""
   try:
-    data, fsdp, tensor = (int(x) for x in text.split(":"))
+    sizes = [int(x) for x in text.split(":")]
   except ValueError:
-    raise errors.InputError(f"--meshes: {text!r} is not data:fsdp:tensor, e.g. 4:1:2") from None
-  return Mesh(data, fsdp, tensor)
+    sizes = []
+  if len(sizes) != 3 or any(s < 1 and s != -1 for s in sizes) or sizes.count(-1) > 1:
+    raise errors.InputError(
+      f"--meshes: {text!r} is not data:fsdp:tensor with positive sizes (or one -1), "
+      "e.g. 4:1:2 or -1:1:2"
+    )
+  return Mesh(*sizes)
 
 
 # --- One compile, cached ---
-
-# Config fields that change neither memory nor the step's cost: left out of the cache key.
-NOT_IN_KEY = {"train": ("lr", "lr_scaling", "lr_reference_batch", "epochs", "num_steps")}
 
 
 def point_config(config, mesh: Mesh, remat: str, global_batch: int):
@@ -115,69 +133,54 @@ def point_config(config, mesh: Mesh, remat: str, global_batch: int):
   return c
 
 
-def versions() -> dict:
-  import importlib.metadata
-
-  import jax
-
-  out = {"jax": jax.__version__}
-  try:
-    out["libtpu"] = importlib.metadata.version("libtpu")
-  except importlib.metadata.PackageNotFoundError:
-    out["libtpu"] = None
-  return out
-
-
-def cache_key(config, topology: str) -> str:
-  """SHA-256 of what determines a compile: the model, data shapes, LoRA, trainables, optimizer
-  and mesh sections of the config (with its remat and batch), the stage, the topology and
-  the versions of jax and libtpu."""
-  parts = {}
-  for section in ("model", "data", "lora", "train", "mesh"):
-    values = config[section].to_dict()
-    for name in NOT_IN_KEY.get(section, ()):
-      values.pop(name, None)
-    parts[section] = values
-  parts.update(stage=config.stage, topology=topology, versions=versions())
-  text = json.dumps(parts, sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
 class Compiler:
-  """Compiles points through train.aot, or reads them from the cache; counts what it did."""
+  """Compiles points through `train.aot.compile_report`, whose cache (one file per lowered
+  program, under cache_dir) answers every program compiled before; counts the programs it
+  compiled and those the cache answered. With jobs > 1 the compiles run in that many
+  processes (the TPU compiler holds one core for minutes; the searches of several
+  candidates then overlap)."""
 
-  def __init__(self, config, cache_dir: str, hbm_bytes: float | None):
+  def __init__(self, config, cache_dir: str, hbm_bytes: float | None, jobs: int = 1):
     self.config, self.cache_dir, self.hbm_bytes = config, cache_dir, hbm_bytes
     self.compiles, self.cached, self.compile_s = 0, 0, 0.0
-    os.makedirs(cache_dir, exist_ok=True)
+    self._lock = threading.Lock()
+    self._pool = None
+    if jobs > 1:
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("spawn")
+      )
 
   def __call__(self, topology: str, mesh: Mesh, remat: str, global_batch: int) -> dict:
     from train import aot
 
     config = point_config(self.config, mesh, remat, global_batch)
-    path = os.path.join(self.cache_dir, cache_key(config, topology) + ".json")
-    if os.path.exists(path):
-      with open(path) as f:
-        result = json.load(f)
-      self.cached += 1
+    if self._pool is None:
+      report = aot.compile_report(config, topology, self.cache_dir)
     else:
-      start = time.perf_counter()
-      report = aot.compile_report(config, topology)
-      seconds = time.perf_counter() - start
-      result = {
-        "topology": topology,
-        "mesh": str(mesh),
-        "remat": remat,
-        "global_batch": global_batch,
-        "chips": report["chips"],
-        "chip": report["chip"],
-        "seconds": seconds,
-        **combine_tasks(report["tasks"], config.train.task_ratio),
-      }
-      errors.write_atomically(path, json.dumps(result, indent=1))
-      self.compiles += 1
-      self.compile_s += seconds
-    return result
+      report = self._pool.submit(aot.compile_report, config, topology, self.cache_dir).result()
+    with self._lock:
+      for task in report["tasks"].values():
+        if task["cached"]:
+          self.cached += 1
+        else:
+          self.compiles += 1
+          self.compile_s += task["compile_s"]
+    return {
+      "topology": topology,
+      "mesh": str(mesh),
+      "remat": remat,
+      "global_batch": global_batch,
+      "chips": report["chips"],
+      "chip": report["chip"],
+      **combine_tasks(report["tasks"], config.train.task_ratio),
+    }
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self._pool is not None:
+      self._pool.shutdown(cancel_futures=True)
 
   def usable_hbm(self, result: dict) -> float:
     return self.hbm_bytes if self.hbm_bytes is not None else result["hbm_bytes"]
@@ -210,67 +213,84 @@ def fits(result: dict, limit: float) -> bool:
   return "compile_error" not in result and result["total_bytes"] <= limit
 
 
-def linear_fit(points: dict[int, float], near: int) -> tuple[float, float] | None:
-  """(intercept, slope) of memory against per-replica batch through the two measured points
-  nearest `near`; None with fewer than two."""
-  known = sorted(points, key=lambda b: (abs(b - near), b))[:2]
-  if len(known) < 2:
-    return None
-  (b1, m1), (b2, m2) = sorted((b, points[b]) for b in known)
+def linear_fit(points: dict[int, float]) -> tuple[float, float]:
+  """(intercept, slope) of memory against per-replica batch through two measured points."""
+  (b1, m1), (b2, m2) = sorted(points.items())
   slope = (m2 - m1) / (b2 - b1)
   return m1 - slope * b1, slope
 
 
-def predict_largest(points: dict[int, float], limit: float, near: int, cap: int) -> int:
-  fit = linear_fit(points, near)
-  if fit is None:
-    return cap
-  intercept, slope = fit
+def predict_largest(points: dict[int, float], limit: float, cap: int) -> int:
+  """The largest per-replica batch under `limit` on the line through two measured points
+  (`cap` when the line does not rise)."""
+  intercept, slope = linear_fit(points)
   if slope <= 0:
     return cap
   return max(1, min(cap, math.floor((limit - intercept) / slope)))
 
 
 def search_candidate(compile_point, topology, mesh, remat, limit_of, cap) -> dict:
-  """The largest per-replica batch that fits, for one (mesh, remat): compiles at 1 and 2
-  examples per replica predict it; then each next compile is the prediction from the two
-  points measured nearest the last one, kept strictly between the largest batch known to fit
-  and the smallest known not to (or one above the former, to confirm it), until they are
-  neighbours. A correct prediction costs two compiles after the first two.
+  """The largest per-replica batch that fits, for one (mesh, remat), up to `cap`.
+
+  Compiles at 1 and 2 examples per replica predict it on a line; a compile at the prediction
+  and one at the size above confirm it, so a right prediction costs four compiles. When it is
+  wrong (small models: the TPU compiler's temporaries do not grow linearly), the search goes
+  on inside the bracket of the largest batch known to fit below the smallest known not to:
+  each next size is interpolated on the line between the bracket's ends, or is the bracket's
+  middle when the last interpolation did not halve it (or past the largest fit while nothing
+  above is known: the line's prediction, or twice the batch when the line does not rise). It
+  ends when the two ends are neighbours: the lower one fits and the one above does not.
 
   Returns {"predicted": int | None (from the first two compiles), "largest": int | None
   (None: not even one example per replica fits), "points": {per-replica batch: result}}."""
-  points, memory = {}, {}
-  fit_below, no_fit_above = 0, cap + 1  # largest known to fit, smallest known not to
+  points, memory, fitting = {}, {}, set()
 
   def measure(b):
-    nonlocal fit_below, no_fit_above
     result = compile_point(topology, mesh, remat, b * mesh.replicas)
     points[b] = result
     if "compile_error" not in result:
       memory[b] = result["total_bytes"]
     if fits(result, limit_of(result)):
-      fit_below = max(fit_below, b)
-    else:
-      no_fit_above = min(no_fit_above, b)
+      fitting.add(b)
 
-  def next_guess(near):
-    predicted = predict_largest(memory, limit_of(points[1]), near, cap)
-    return fit_below + 1 if predicted <= fit_below else min(predicted, no_fit_above - 1)
+  def bracket():
+    high = min([b for b in points if b not in fitting], default=cap + 1)
+    low = max([b for b in fitting if b < high], default=0)
+    return low, high
 
   measure(1)
-  if fit_below < 1:
+  if 1 not in fitting:
     return {"predicted": None, "largest": None, "points": points}
-  if cap >= 2:
-    measure(2)
-  predicted = predict_largest(memory, limit_of(points[1]), 2, cap)
-  guess = next_guess(2)
-  for _ in range(MAX_COMPILES_PER_CANDIDATE):
-    if no_fit_above - fit_below <= 1:
+  if cap == 1:
+    return {"predicted": 1, "largest": 1, "points": points}
+  measure(2)
+  limit = limit_of(points[1])
+  predicted = 1
+  if len(memory) == 2:
+    predicted = predict_largest(dict(memory), limit, cap)
+  low, high = bracket()
+  if low < predicted < high:
+    measure(predicted)
+    if predicted in fitting and predicted < cap:
+      measure(predicted + 1)  # must not fit
+  last_width = None
+  while True:
+    low, high = bracket()
+    if high - low <= 1:
       break
+    width = high - low
+    if high > cap:  # nothing known not to fit yet: look further up
+      below = sorted(b for b in memory if b <= low)[-2:]
+      guess = predict_largest({b: memory[b] for b in below}, limit, cap) if len(below) == 2 else cap
+      guess = guess if guess > low else min(2 * low, cap)
+    elif (last_width and 2 * width > last_width) or low not in memory or high not in memory:
+      guess = (low + high) // 2
+    else:
+      guess = predict_largest({low: memory[low], high: memory[high]}, limit, cap)
+      guess = min(max(guess, low + 1), high - 1)
+    last_width = width
     measure(guess)
-    guess = next_guess(guess)
-  return {"predicted": predicted, "largest": fit_below, "points": points}
+  return {"predicted": predicted, "largest": low, "points": points}
 
 
 # --- The plan ---
@@ -293,53 +313,55 @@ def estimate(result: dict, train_config) -> dict:
   }
 
 
-def plan_topology(config, topology, meshes, remats, compile_point, limit_of, cap, bar) -> dict:
-  candidates = []
-  for mesh in meshes:
-    for remat in remats:
-      found = search_candidate(compile_point, topology, mesh, remat, limit_of, cap)
-      entry = {
-        "mesh": str(mesh),
-        "remat": remat,
-        "predicted_per_replica": found["predicted"],
-        "largest_per_replica": found["largest"],
-        "points": {
-          str(b): {
-            "global_batch": r["global_batch"],
-            "fits": fits(r, limit_of(r)),
-            **(
-              {"compile_error": r["compile_error"]}
-              if "compile_error" in r
-              else {"memory_per_chip_bytes": r["total_bytes"], **estimate(r, config.train)}
-            ),
-          }
-          for b, r in sorted(found["points"].items())
-        },
-      }
-      if found["largest"]:
-        entry["best"] = estimate(found["points"][found["largest"]], config.train)
-      candidates.append(entry)
-      bar.update(1)
+def plan_topology(config, topology, meshes, remats, compile_point, limit_of, cap, bar, jobs):
+  """Every (mesh, remat) candidate's search; `jobs` of them at a time."""
+
+  def plan_candidate(mesh, remat):
+    found = search_candidate(compile_point, topology, mesh, remat, limit_of, cap)
+    entry = {
+      "mesh": str(mesh),
+      "remat": remat,
+      "predicted_per_replica": found["predicted"],
+      "largest_per_replica": found["largest"],
+      "points": {
+        str(b): {
+          "global_batch": r["global_batch"],
+          "fits": fits(r, limit_of(r)),
+          "compile_s": r["compile_s"],
+          "cached": r["cached"],
+          **(
+            {"compile_error": r["compile_error"]}
+            if "compile_error" in r
+            else {"memory_per_chip_bytes": r["total_bytes"], **estimate(r, config.train)}
+          ),
+        }
+        for b, r in sorted(found["points"].items())
+      },
+    }
+    if found["largest"]:
+      entry["best"] = estimate(found["points"][found["largest"]], config.train)
+    bar.update(1)
+    return entry
+
+  pairs = [(mesh, remat) for mesh in meshes for remat in remats]
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    candidates = list(pool.map(lambda pair: plan_candidate(*pair), pairs))
   return {"candidates": candidates}
 
 
 def default_point(config, topology, devices, compile_point, limit_of) -> dict:
-  """The config's own mesh (its -1 axis resolved for this topology), remat and batch."""
-  sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
-  known = math.prod(s for s in sizes if s != -1)
-  if devices % known:
+  """The config's own mesh (its -1 axis resolved for this topology) and remat policy, at the
+  config's global batch rounded up to a multiple of data x fsdp (a pod larger than the batch
+  needs one example per replica)."""
+  mesh = Mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor).resolved(devices)
+  if mesh is None:
+    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
     return {"error": f"the config's mesh {sizes} does not divide {devices} chips"}
-  mesh = Mesh(*[devices // known if s == -1 else s for s in sizes])
-  batch = config.data.global_batch_size
-  if batch % mesh.replicas:
-    return {
-      "mesh": str(mesh),
-      "error": f"its global batch {batch} is not a multiple of data x fsdp = {mesh.replicas}",
-    }
+  batch = -(-config.data.global_batch_size // mesh.replicas) * mesh.replicas
   result = compile_point(topology, mesh, config.model.remat, batch)
   out = {"mesh": str(mesh), "remat": config.model.remat, "fits": fits(result, limit_of(result))}
   if "compile_error" in result:
-    return {**out, "compile_error": result["compile_error"]}
+    return {**out, "global_batch": batch, "compile_error": result["compile_error"]}
   return {**out, **estimate(result, config.train)}
 
 
@@ -353,6 +375,7 @@ def run_plan(
   hbm_gib=None,
   max_per_replica=4096,
   cache_dir,
+  jobs=1,
   progress=True,
 ) -> dict:
   from tqdm import tqdm
@@ -363,6 +386,8 @@ def run_plan(
 
   if not 0 <= headroom < 1:
     raise errors.InputError(f"--headroom={headroom} must be in [0, 1)")
+  if jobs < 1:
+    raise errors.InputError(f"--jobs={jobs} must be at least 1")
   remats = list(remats or REMAT_POLICIES)
   for r in remats:
     if r not in REMAT_POLICIES:
@@ -375,13 +400,12 @@ def run_plan(
     raise errors.InputError(str(e)) from None
   cached = bool(config.data.cache_visual_tokens)
   hbm_bytes = None if hbm_gib is None else hbm_gib * aot.GIB
-  compiler = Compiler(config, cache_dir, hbm_bytes)
-  limit_of = lambda result: (1 - headroom) * compiler.usable_hbm(result)
   plans, work = {}, []
   for topology in topologies:
     chips = len(aot.topology_devices(topology))
     allowed = mesh_shapes(chips, selector_cfg, cached)
-    chosen = allowed if not meshes else [m for m in meshes if m in allowed]
+    chosen = allowed if not meshes else [m.resolved(chips) for m in meshes]
+    chosen = [m for m in dict.fromkeys(chosen) if m in allowed]
     if meshes and not chosen:
       raise errors.InputError(
         f"--meshes: none of {[str(m) for m in meshes]} is allowed on {topology} ({chips} "
@@ -389,11 +413,16 @@ def run_plan(
       )
     work.append((topology, chips, chosen))
   total = sum(len(chosen) * len(remats) for _, _, chosen in work)
-  with tqdm(total=total, desc="planning (mesh, remat) candidates", disable=not progress) as bar:
+  compiler = Compiler(config, cache_dir, hbm_bytes, jobs)
+  limit_of = lambda result: (1 - headroom) * compiler.usable_hbm(result)
+  with (
+    compiler,
+    tqdm(total=total, desc="planning (mesh, remat) candidates", disable=not progress) as bar,
+  ):
     for topology, chips, chosen in work:
       before = (compiler.compiles, compiler.cached, compiler.compile_s)
       plan = plan_topology(
-        config, topology, chosen, remats, compiler, limit_of, max_per_replica, bar
+        config, topology, chosen, remats, compiler, limit_of, max_per_replica, bar, jobs
       )
       plan["default"] = default_point(config, topology, chips, compiler, limit_of)
       plan["chips"] = chips
@@ -421,7 +450,7 @@ def run_plan(
     "headroom": headroom,
     "hbm_gib": hbm_gib,
     "remats": remats,
-    "versions": versions(),
+    "versions": aot.versions(),
     "topologies": plans,
   }
 
@@ -431,6 +460,10 @@ def run_plan(
 
 def _gib(b):
   return f"{b / 1024**3:.2f}"
+
+
+def _ms(seconds):
+  return f"{1e3 * seconds:.3g}"
 
 
 def markdown(plan: dict) -> str:
@@ -467,20 +500,29 @@ def markdown(plan: dict) -> str:
       lines.append(
         f"| {cand['mesh']} | {cand['remat']} | {cand['predicted_per_replica']} / "
         f"{cand['largest_per_replica']} | {b['global_batch']} | {b['lr']:.3g} "
-        f"| {_gib(b['memory_per_chip_bytes'])} | {1e3 * b['compute_bound_s']:.1f} / "
-        f"{1e3 * b['memory_bound_s']:.1f} / {1e3 * b['ici_bound_s']:.1f} "
-        f"| {1e3 * b['estimated_step_s']:.1f} | {b['examples_per_s']:.1f} "
+        f"| {_gib(b['memory_per_chip_bytes'])} | {_ms(b['compute_bound_s'])} / "
+        f"{_ms(b['memory_bound_s'])} / {_ms(b['ici_bound_s'])} "
+        f"| {_ms(b['estimated_step_s'])} | {b['examples_per_s']:.1f} "
         f"| {100 * b['implied_mfu']:.1f}% | {mark} |"
       )
     d = p["default"]
     if "examples_per_s" in d:
+      fastest = next(
+        (c["best"] for c in p["candidates"] if f"{c['mesh']}/{c['remat']}" == p["fastest"]), None
+      )
       lines += [
         "",
         f"The config's default ({d['mesh']}, remat {d['remat']}, batch {d['global_batch']}): "
         f"{_gib(d['memory_per_chip_bytes'])} GiB per chip "
         f"({'fits' if d['fits'] else 'does not fit'}), "
-        f"step {1e3 * d['estimated_step_s']:.1f} ms, {d['examples_per_s']:.1f} examples/s, "
-        f"implied MFU {100 * d['implied_mfu']:.1f}%.",
+        f"step {_ms(d['estimated_step_s'])} ms, {d['examples_per_s']:.1f} examples/s, "
+        f"implied MFU {100 * d['implied_mfu']:.1f}%"
+        + (
+          f"; the fastest candidate ({p['fastest']}, batch {fastest['global_batch']}) does "
+          f"{fastest['examples_per_s'] / d['examples_per_s']:.2f}x its examples/s."
+          if fastest
+          else "."
+        ),
       ]
     else:
       lines += ["", f"The config's default: {d.get('error') or d.get('compile_error')}."]
@@ -554,6 +596,7 @@ def main(argv):
       hbm_gib=f.hbm_gib,
       max_per_replica=f.max_per_replica,
       cache_dir=f.cache_dir or os.path.join(f.out, "compile_cache"),
+      jobs=f.jobs,
     )
   except ConfigError as e:
     errors.exit_with(str(e), prefix="config error")
