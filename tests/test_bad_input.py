@@ -22,6 +22,7 @@ STAGE2 = [
   "--config.train.num_steps=2",
 ]
 COMPILE = [sys.executable, "-m", "train.compile", "--config=configs/stage1.py:tiny"]
+PLAN = [sys.executable, "-m", "train.plan", "--config=configs/stage2.py:tiny"]
 SELECT = [sys.executable, "-m", "frameselect_jax.cli", "select"]
 BUILD = [sys.executable, "-m", "data.build", "--config=configs/build.py:tiny,benchmark=jsonl"]
 
@@ -232,6 +233,38 @@ def _cases():
       "report into a missing folder",
       lambda i, o: [*COMPILE, "--topology=v5e:2x2", f"--json_out={i}/nothing/report.json"],
       "nothing/report.json: the folder",
+    ),
+    # python -m train.plan
+    ("plan without topologies", lambda i, o: [*PLAN, f"--out={o}/p"], "--topologies is required"),
+    (
+      "plan mesh not data:fsdp:tensor",
+      lambda i, o: [*PLAN, "--topologies=v5e:2x2", "--meshes=4x1x1", f"--out={o}/p"],
+      "--meshes: '4x1x1' is not data:fsdp:tensor",
+    ),
+    (
+      "plan mesh the topology cannot have",
+      lambda i, o: [*PLAN, "--topologies=v5e:2x2", "--meshes=3:1:1", f"--out={o}/p"],
+      "--meshes: none of ['3x1x1'] is allowed on v5e:2x2 (4 chips)",
+    ),
+    (
+      "plan unknown remat policy",
+      lambda i, o: [*PLAN, "--topologies=v5e:2x2", "--remats=block,fast", f"--out={o}/p"],
+      "--remats: 'fast' is none of",
+    ),
+    (
+      "plan headroom of all the HBM",
+      lambda i, o: [*PLAN, "--topologies=v5e:2x2", "--headroom=1", f"--out={o}/p"],
+      "--headroom=1.0 must be in [0, 1)",
+    ),
+    (
+      "plan no compile jobs",
+      lambda i, o: [*PLAN, "--topologies=v5e:2x2", "--jobs=0", f"--out={o}/p"],
+      "--jobs=0 must be at least 1",
+    ),
+    (
+      "plan unknown topology",
+      lambda i, o: [*PLAN, "--topologies=v5e:2x2,v9z:3x3", f"--out={o}/p"],
+      "--topology=v9z:3x3: unknown chip 'v9z'",
     ),
     # frameselect select
     (

@@ -388,6 +388,10 @@ def run_plan(
     raise errors.InputError(f"--headroom={headroom} must be in [0, 1)")
   if jobs < 1:
     raise errors.InputError(f"--jobs={jobs} must be at least 1")
+  if hbm_gib is not None and not hbm_gib > 0:
+    raise errors.InputError(f"--hbm_gib={hbm_gib} must be positive")
+  if max_per_replica < 1:
+    raise errors.InputError(f"--max_per_replica={max_per_replica} must be at least 1")
   remats = list(remats or REMAT_POLICIES)
   for r in remats:
     if r not in REMAT_POLICIES:
