@@ -144,6 +144,15 @@ def test_the_search_ends_at_a_boundary_when_memory_is_not_linear(name, memory_of
   )  # bisection halves at least every other step
 
 
+def test_a_prediction_one_short_costs_one_more_compile():
+  """Stage 2 at real size, v5e:4x4, no remat (GiB at per-replica 1, 2, 4 and 5 as compiled):
+  the line through 1 and 2 predicts 4, 5 fits as well, the line through 4 and 5 says 6."""
+  measured = {1: 5.353, 2: 7.59, 4: 12.034, 5: 14.161}
+  found, calls = search(lambda b: measured.get(b, 12.034 + 2.127 * (b - 4)), limit=14.175)
+  assert found["predicted"] == 4 and found["largest"] == 5
+  assert calls == [1, 2, 4, 5, 6]
+
+
 def test_the_search_stops_at_its_cap_and_when_one_example_does_not_fit():
   found, calls = search(lambda b: 1.0 + b, cap=40)
   assert found["largest"] == 40 and max(calls) == 40

@@ -237,8 +237,9 @@ def search_candidate(compile_point, topology, mesh, remat, limit_of, cap) -> dic
   wrong (small models: the TPU compiler's temporaries do not grow linearly), the search goes
   on inside the bracket of the largest batch known to fit below the smallest known not to:
   each next size is interpolated on the line between the bracket's ends, or is the bracket's
-  middle when the last interpolation did not halve it (or past the largest fit while nothing
-  above is known: the line's prediction, or twice the batch when the line does not rise). It
+  middle when the last interpolation did not halve it. While nothing is known not to fit, it
+  looks further up: on the line through the two largest sizes measured (at least one size
+  up), or at twice the largest fit when that line does not rise. It
   ends when the two ends are neighbours: the lower one fits and the one above does not.
 
   Returns {"predicted": int | None (from the first two compiles), "largest": int | None
@@ -280,9 +281,11 @@ def search_candidate(compile_point, topology, mesh, remat, limit_of, cap) -> dic
       break
     width = high - low
     if high > cap:  # nothing known not to fit yet: look further up
-      below = sorted(b for b in memory if b <= low)[-2:]
-      guess = predict_largest({b: memory[b] for b in below}, limit, cap) if len(below) == 2 else cap
-      guess = guess if guess > low else min(2 * low, cap)
+      below = {b: memory[b] for b in sorted(b for b in memory if b <= low)[-2:]}
+      if len(below) == 2 and linear_fit(below)[1] > 0:
+        guess = max(low + 1, predict_largest(below, limit, cap))
+      else:
+        guess = min(2 * low, cap)
     elif (last_width and 2 * width > last_width) or low not in memory or high not in memory:
       guess = (low + high) // 2
     else:
