@@ -143,6 +143,7 @@ class Compiler:
   def __init__(self, config, cache_dir: str, hbm_bytes: float | None, jobs: int = 1):
     self.config, self.cache_dir, self.hbm_bytes = config, cache_dir, hbm_bytes
     self.compiles, self.cached, self.compile_s = 0, 0, 0.0
+    self.progress = None  # a tqdm bar: its postfix counts the compiles
     self._lock = threading.Lock()
     self._pool = None
     if jobs > 1:
@@ -165,6 +166,11 @@ class Compiler:
         else:
           self.compiles += 1
           self.compile_s += task["compile_s"]
+      if self.progress is not None:
+        self.progress.set_postfix_str(
+          f"{self.compiles} compiled in {self.compile_s:.0f} s, {self.cached} from the cache; "
+          f"last: {topology} {mesh} {remat} batch {global_batch}"
+        )
     return {
       "topology": topology,
       "mesh": str(mesh),
@@ -422,10 +428,9 @@ def run_plan(
   total = sum(len(chosen) * len(remats) for _, _, chosen in work)
   compiler = Compiler(config, cache_dir, hbm_bytes, jobs)
   limit_of = lambda result: (1 - headroom) * compiler.usable_hbm(result)
-  with (
-    compiler,
-    tqdm(total=total, desc="planning (mesh, remat) candidates", disable=not progress) as bar,
-  ):
+  bar = tqdm(total=total, desc="planning (mesh, remat) candidates", disable=not progress)
+  compiler.progress = bar
+  with compiler, bar:
     for topology, chips, chosen in work:
       before = (compiler.compiles, compiler.cached, compiler.compile_s)
       plan = plan_topology(
@@ -558,6 +563,29 @@ def plot(plan: dict, path: str) -> str:
         [v["examples_per_s"] for v in points],
         marker="o",
         label=f"{cand['mesh']} {cand['remat']}",
+      )
+    fastest = [c["best"] for c in p["candidates"] if f"{c['mesh']}/{c['remat']}" == p["fastest"]]
+    if fastest:
+      best = fastest[0]
+      ax.scatter(
+        [best["global_batch"]],
+        [best["examples_per_s"]],
+        marker="*",
+        s=220,
+        color="black",
+        zorder=3,
+        label=f"fastest: {p['fastest']}",
+      )
+    if "examples_per_s" in p["default"]:
+      d = p["default"]
+      ax.scatter(
+        [d["global_batch"]],
+        [d["examples_per_s"]],
+        marker="X",
+        s=90,
+        color="grey",
+        zorder=3,
+        label=f"config default: {d['mesh']}/{d['remat']}",
       )
     ax.set_xscale("log", base=2)
     ax.set_title(f"{topology} ({p['chips']} chips)")
