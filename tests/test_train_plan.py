@@ -8,6 +8,7 @@ Compiles for TPU from this CPU host (libtpu, no TPU). The chip's HBM is set smal
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -220,14 +221,16 @@ class CacheMiss(Exception):
 
 @needs_libtpu
 @pytest.mark.slow
-def test_the_memory_prediction_holds_at_real_size(monkeypatch):
+def test_the_memory_prediction_at_real_size(monkeypatch):
   """Stage 2 at real size (Qwen2.5-1.5B, 128 frames x 9 tokens, cached visual tokens) on
   v5e:4x4, data parallel, remat per block: the line through per-replica batches 1 and 2
-  against compiles at three more sizes (the config's batch, the planner's prediction and the
-  size above it). A real-size compile takes minutes here, so the figures come from the
-  committed cache of benchmarks/results_plan.md's run: this test lowers each program (seconds)
-  and reads its compile from there. It skips when the cache lacks a program (the model code
-  or a version changed since that run; rerun it to refresh the cache)."""
+  against compiles at three more sizes. It holds at the config's batch (8) and at its own
+  prediction (42) within 2%; past that the TPU compiler packs the step tighter, and memory
+  falls below the line (benchmarks/results_plan.md), which is why the planner confirms
+  and searches on. A real-size compile takes minutes here, so the figures come from the
+  committed cache of results_plan.md's run: this test lowers each program (seconds) and
+  reads its compile from there. It skips when the cache lacks a program (the model code or
+  a version changed since that run; rerunning it refreshes the cache)."""
   import jax
   from ml_collections import config_flags  # noqa: F401 (configs import absl flags)
 
@@ -244,7 +247,9 @@ def test_the_memory_prediction_holds_at_real_size(monkeypatch):
   def memory(per_replica):
     point = plan.point_config(config, mesh, "block", per_replica * mesh.replicas)
     try:
-      report = aot.compile_report(point, "v5e:4x4", cache_dir=str(REPO / "benchmarks/plan_cache"))
+      report = aot.compile_report(
+        point, "v5e:4x4", cache_dir=os.path.join(REPO, "benchmarks", "plan_cache")
+      )
     except CacheMiss:
       pytest.skip(f"benchmarks/plan_cache has no compile of per-replica batch {per_replica}")
     (task,) = report["tasks"].values()
@@ -254,7 +259,8 @@ def test_the_memory_prediction_holds_at_real_size(monkeypatch):
   (m1, hbm), (m2, _) = memory(1), memory(2)
   intercept, slope = plan.linear_fit({1: m1, 2: m2})
   predicted = plan.predict_largest({1: m1, 2: m2}, 0.9 * hbm, 4096)
-  assert predicted > 8
-  for b in (8, predicted, predicted + 1):
-    actual, _ = memory(b)
-    assert intercept + slope * b == pytest.approx(actual, rel=0.02), b
+  assert predicted == 42
+  for b in (8, predicted):
+    assert intercept + slope * b == pytest.approx(memory(b)[0], rel=0.02), b
+  above, _ = memory(predicted + 1)
+  assert above < intercept + slope * (predicted + 1)

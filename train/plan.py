@@ -144,6 +144,8 @@ class Compiler:
     self.config, self.cache_dir, self.hbm_bytes = config, cache_dir, hbm_bytes
     self.compiles, self.cached, self.compile_s = 0, 0, 0.0
     self.progress = None  # a tqdm bar: its postfix counts the compiles
+    # (topology, mesh, remat, global batch) -> seconds its compile took (when it was compiled)
+    self.programs = {}
     self._lock = threading.Lock()
     self._pool = None
     if jobs > 1:
@@ -160,6 +162,9 @@ class Compiler:
     else:
       report = self._pool.submit(aot.compile_report, config, topology, self.cache_dir).result()
     with self._lock:
+      self.programs[(topology, str(mesh), remat, global_batch)] = sum(
+        task["compile_s"] for task in report["tasks"].values()
+      )
       for task in report["tasks"].values():
         if task["cached"]:
           self.cached += 1
@@ -441,6 +446,8 @@ def run_plan(
       plan["compiles"] = compiler.compiles - before[0]
       plan["cached_results"] = compiler.cached - before[1]
       plan["compile_s"] = compiler.compile_s - before[2]
+      seconds = [s for key, s in compiler.programs.items() if key[0] == topology]
+      plan["points"], plan["points_compile_s"] = len(seconds), sum(seconds)
       best = [c for c in plan["candidates"] if "best" in c]
       fastest = max(best, key=lambda c: c["best"]["examples_per_s"]) if best else None
       plan["fastest"] = f"{fastest['mesh']}/{fastest['remat']}" if fastest else None
@@ -497,6 +504,9 @@ def markdown(plan: dict) -> str:
       "",
       f"## {topology} ({p['chips']} chips): {p['compiles']} compiles in {p['compile_s']:.0f} s, "
       f"{p['cached_results']} results from the cache",
+      "",
+      f"The search compiled {p['points']} points; compiling them all took "
+      f"{p['points_compile_s']:.0f} s (whenever each was first compiled).",
       "",
       "| mesh (data x fsdp x tensor) | remat | largest batch per replica: predicted / confirmed "
       "| global batch | lr | memory per chip (GiB) | compute / HBM / ICI bound (ms) "
