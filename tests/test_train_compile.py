@@ -192,3 +192,28 @@ def test_hbm_traffic_counts_only_hbm_buffers():
     hlo_traffic.hbm_bytes_accessed(unannotated.replace("while(%tuple.1)", "while(%elsewhere)"))
     is None
   )
+
+
+def test_the_program_key_does_not_depend_on_where_the_environment_lives(monkeypatch):
+  """A Pallas kernel's embedded bytecode names its source file under site-packages: two
+  virtual environments must still give one program one text to hash, and another kernel
+  another."""
+  import base64
+  import os
+
+  import jax
+
+  from train import aot
+
+  def program(site_packages: str, kernel: bytes = b"kernel") -> str:
+    body = base64.b64encode(kernel + site_packages.encode() + b"/jax/flash_attention.py")
+    return f'custom_call {{backend_config = "{{\\22body\\22: \\22{body.decode()}\\22}}"}} : f32'
+
+  here_dir = os.path.dirname(os.path.dirname(jax.__file__))
+  here = aot.portable_program_text(program(here_dir))
+  assert here != program(here_dir) and here.endswith(": f32")  # the body is hashed
+  assert aot.portable_program_text(program(here_dir, b"other kernel")) != here
+  assert aot.portable_program_text(program("/elsewhere/site-packages")) != here
+  # the same program lowered in an environment that lives elsewhere
+  monkeypatch.setattr(jax, "__file__", "/elsewhere/site-packages/jax/__init__.py")
+  assert aot.portable_program_text(program("/elsewhere/site-packages")) == here

@@ -27,6 +27,7 @@ came back negative):
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -237,12 +238,30 @@ def versions() -> dict:
   return out
 
 
+# A Pallas kernel (the flash attention) is embedded as base64 MLIR bytecode that names the
+# source file it came from: the site-packages path of this environment.
+_KERNEL_BODY = re.compile(r"(\\22body\\22: \\22)([A-Za-z0-9+/=]+)(\\22)")
+
+
+def portable_program_text(text: str) -> str:
+  """The lowered program's text with each embedded kernel's bytecode replaced by the hash of
+  that bytecode less the path of the environment's site-packages, so two checkouts with
+  their own virtual environments get the same key for the same program."""
+  site_packages = os.path.dirname(os.path.dirname(jax.__file__)).encode()
+
+  def kernel_digest(match):
+    body = base64.b64decode(match.group(2)).replace(site_packages, b"<site-packages>")
+    return match.group(1) + hashlib.sha256(body).hexdigest() + match.group(3)
+
+  return _KERNEL_BODY.sub(kernel_digest, text)
+
+
 def program_key(lowered, topology: str) -> str:
   """SHA-256 of what determines a compile: the lowered program (every shape, sharding, remat
   and donation is in its text), the topology it is compiled for, the versions of jax, jaxlib
   and libtpu, and the compiler flags set in the environment. A change to the model code that
   leaves the program as it was keeps the key; any change that alters it makes a new one."""
-  digest = hashlib.sha256(lowered.as_text().encode())
+  digest = hashlib.sha256(portable_program_text(lowered.as_text()).encode())
   flags = {name: os.environ.get(name, "") for name in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")}
   digest.update(json.dumps({"topology": topology, **versions(), **flags}, sort_keys=True).encode())
   return digest.hexdigest()[:32]
