@@ -27,7 +27,6 @@ came back negative):
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -239,21 +238,17 @@ def versions() -> dict:
 
 
 # A Pallas kernel (the flash attention) is embedded as base64 MLIR bytecode that names the
-# source file it came from: the site-packages path of this environment.
+# source file it came from, under this environment's site-packages; the path's length is
+# in the bytecode too, so it cannot be masked out.
 _KERNEL_BODY = re.compile(r"(\\22body\\22: \\22)([A-Za-z0-9+/=]+)(\\22)")
 
 
 def portable_program_text(text: str) -> str:
-  """The lowered program's text with each embedded kernel's bytecode replaced by the hash of
-  that bytecode less the path of the environment's site-packages, so two checkouts with
-  their own virtual environments get the same key for the same program."""
-  site_packages = os.path.dirname(os.path.dirname(jax.__file__)).encode()
-
-  def kernel_digest(match):
-    body = base64.b64decode(match.group(2)).replace(site_packages, b"<site-packages>")
-    return match.group(1) + hashlib.sha256(body).hexdigest() + match.group(3)
-
-  return _KERNEL_BODY.sub(kernel_digest, text)
+  """The lowered program's text without the embedded kernels' bytecode, so two checkouts
+  with their own virtual environments get one key for one program. What stays tells the
+  kernels apart: their names, operand shapes and cost estimates; the bytecode itself is
+  jax's (its version is in the key) for the shapes it is called with."""
+  return _KERNEL_BODY.sub(lambda m: m.group(1) + "<kernel>" + m.group(3), text)
 
 
 def program_key(lowered, topology: str) -> str:
