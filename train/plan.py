@@ -574,28 +574,23 @@ def plot(plan: dict, path: str) -> str:
         marker="o",
         label=f"{cand['mesh']} {cand['remat']}",
       )
-    fastest = [c["best"] for c in p["candidates"] if f"{c['mesh']}/{c['remat']}" == p["fastest"]]
-    if fastest:
-      best = fastest[0]
-      ax.scatter(
-        [best["global_batch"]],
-        [best["examples_per_s"]],
-        marker="*",
-        s=220,
-        color="black",
-        zorder=3,
-        label=f"fastest: {p['fastest']}",
-      )
+    marks = [
+      (c["best"], "*", 220, "black", f"fastest: {p['fastest']}")
+      for c in p["candidates"]
+      if f"{c['mesh']}/{c['remat']}" == p["fastest"]
+    ]
     if "examples_per_s" in p["default"]:
       d = p["default"]
+      marks.append((d, "X", 90, "grey", f"config default: {d['mesh']}/{d['remat']}"))
+    for point, marker, size, color, label in marks:
       ax.scatter(
-        [d["global_batch"]],
-        [d["examples_per_s"]],
-        marker="X",
-        s=90,
-        color="grey",
+        [point["global_batch"]],
+        [point["examples_per_s"]],
+        marker=marker,
+        s=size,
+        color=color,
         zorder=3,
-        label=f"config default: {d['mesh']}/{d['remat']}",
+        label=label,
       )
     ax.set_xscale("log", base=2)
     ax.set_title(f"{topology} ({p['chips']} chips)")
