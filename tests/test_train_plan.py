@@ -154,6 +154,22 @@ def test_a_prediction_one_short_costs_one_more_compile():
   assert calls == [1, 2, 4, 5, 6]
 
 
+def test_the_fastest_point_is_not_always_the_largest_batch():
+  point = lambda batch, per_s: {"global_batch": batch, "examples_per_s": per_s}
+  # HBM bound (v6e): examples/s falls with the batch, so a small batch is the fastest
+  assert plan.fastest_of([point(16, 1656), point(32, 2020), point(144, 1014)]) == point(32, 2020)
+  # compute bound: the same examples/s at every batch (within 1%), so the largest batch
+  assert plan.fastest_of([point(4, 266.6), point(8, 266.6), point(120, 265.0)]) == point(120, 265.0)
+  assert plan.fastest_of([point(4, 270.0), point(120, 265.0)]) == point(4, 270.0)
+  candidates = [
+    {"mesh": "16x1x1", "remat": "none", "fastest": point(32, 2020)},
+    {"mesh": "16x1x1", "remat": "block", "fastest": point(1584, 632)},
+    {"mesh": "4x4x1", "remat": "none", "largest_per_replica": None},  # nothing fits
+  ]
+  assert plan.fastest_configuration(candidates) == {"candidate": "16x1x1/none", **point(32, 2020)}
+  assert plan.fastest_configuration(candidates[2:]) is None
+
+
 def test_the_search_stops_at_its_cap_and_when_one_example_does_not_fit():
   found, calls = search(lambda b: 1.0 + b, cap=40)
   assert found["largest"] == 40 and max(calls) == 40
@@ -179,11 +195,23 @@ def test_the_largest_batch_fits_and_the_next_does_not(planned):
     assert not above["fits"] and above["memory_per_chip_bytes"] > limit
     # every batch below the largest that was compiled fits; every one above does not
     assert all(v["fits"] == (int(b) <= largest) for b, v in points.items())
-    assert cand["best"]["global_batch"] == largest * 4  # a multiple of the batch axes
-    assert cand["best"]["examples_per_s"] == pytest.approx(
-      cand["best"]["global_batch"] / cand["best"]["estimated_step_s"]
+    at_largest = cand["at_largest"]
+    assert at_largest["global_batch"] == largest * 4  # a multiple of the batch axes
+    assert at_largest["examples_per_s"] == pytest.approx(
+      at_largest["global_batch"] / at_largest["estimated_step_s"]
     )
-  assert p["fastest"] in {f"{c['mesh']}/{c['remat']}" for c in p["candidates"]}
+    # the candidate's fastest is one of its fitting compiles, and none of them is faster
+    fitting = [v for v in points.values() if v["fits"]]
+    assert cand["fastest"]["global_batch"] in {v["global_batch"] for v in fitting}
+    assert cand["fastest"]["examples_per_s"] >= (1 - plan.FASTEST_TOLERANCE) * max(
+      v["examples_per_s"] for v in fitting
+    )
+  fastest = p["fastest"]
+  assert fastest["candidate"] in {f"{c['mesh']}/{c['remat']}" for c in p["candidates"]}
+  assert all(
+    fastest["examples_per_s"] >= (1 - plan.FASTEST_TOLERANCE) * c["fastest"]["examples_per_s"]
+    for c in p["candidates"]
+  )
   compiled = sum(len(c["points"]) for c in p["candidates"])
   assert p["compiles"] + p["cached_results"] >= compiled and p["compiles"] > 0
   assert p["compile_s"] > 0

@@ -17,9 +17,11 @@ lowered program, the topology and the versions (`train.aot.program_key`), so a r
 extended sweep compiles only what is new. --jobs runs that many compiles at once.
 
 Writes plan.md, plan.json and examples_per_s.png (examples/s against the global batch per
-topology) to --out, and prints the Markdown. The fastest candidate per topology (examples/s
-at its largest batch) is marked, and compared with the config's own mesh and remat policy at
-its own batch (the default). train.lr_scaling scales the learning rate with each batch.
+topology) to --out, and prints the Markdown. The fastest configuration per topology (the
+compiled fitting point with the most examples/s: on a chip whose step is HBM bound, a smaller
+batch than the largest can be faster) is marked, and compared with the config's own mesh and
+remat policy at its own batch (the default). train.lr_scaling scales the learning rate with
+each batch.
 """
 
 from __future__ import annotations
@@ -353,7 +355,10 @@ def plan_topology(config, topology, meshes, remats, compile_point, limit_of, cap
       },
     }
     if found["largest"]:
-      entry["best"] = estimate(found["points"][found["largest"]], config.train)
+      entry["at_largest"] = estimate(found["points"][found["largest"]], config.train)
+      entry["fastest"] = fastest_of(
+        [estimate(r, config.train) for r in found["points"].values() if fits(r, limit_of(r))]
+      )
     bar.update(1)
     return entry
 
@@ -361,6 +366,28 @@ def plan_topology(config, topology, meshes, remats, compile_point, limit_of, cap
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
     candidates = list(pool.map(lambda pair: plan_candidate(*pair), pairs))
   return {"candidates": candidates}
+
+
+# Roofline estimates within this fraction of each other count as equally fast.
+FASTEST_TOLERANCE = 0.01
+
+
+def fastest_of(estimates: list[dict]) -> dict:
+  """The estimate with the most examples/s; among those within FASTEST_TOLERANCE of it, the
+  one with the largest global batch (a compute-bound step does the same examples/s at every
+  batch, and the larger batch takes fewer steps)."""
+  top = max(e["examples_per_s"] for e in estimates)
+  close = [e for e in estimates if e["examples_per_s"] >= (1 - FASTEST_TOLERANCE) * top]
+  return max(close, key=lambda e: e["global_batch"])
+
+
+def fastest_configuration(candidates: list[dict]) -> dict | None:
+  """{"candidate": "mesh/remat", **estimate} of the fastest compiled fitting point over every
+  candidate (`fastest_of`); None when nothing fits."""
+  named = [
+    {"candidate": f"{c['mesh']}/{c['remat']}", **c["fastest"]} for c in candidates if "fastest" in c
+  ]
+  return fastest_of(named) if named else None
 
 
 def default_point(config, topology, devices, compile_point, limit_of) -> dict:
@@ -448,9 +475,7 @@ def run_plan(
       plan["compile_s"] = compiler.compile_s - before[2]
       seconds = [s for key, s in compiler.programs.items() if key[0] == topology]
       plan["points"], plan["points_compile_s"] = len(seconds), sum(seconds)
-      best = [c for c in plan["candidates"] if "best" in c]
-      fastest = max(best, key=lambda c: c["best"]["examples_per_s"]) if best else None
-      plan["fastest"] = f"{fastest['mesh']}/{fastest['remat']}" if fastest else None
+      plan["fastest"] = fastest_configuration(plan["candidates"])
       plans[topology] = plan
   return {
     "config": {
@@ -510,28 +535,28 @@ def markdown(plan: dict) -> str:
       "",
       "| mesh (data x fsdp x tensor) | remat | largest batch per replica: predicted / confirmed "
       "| global batch | lr | memory per chip (GiB) | compute / HBM / ICI bound (ms) "
-      "| step (ms) | examples/s | implied MFU | |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "| step (ms) | examples/s | implied MFU | fastest compiled batch: examples/s | |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fastest = p["fastest"]
     for cand in p["candidates"]:
-      mark = "**fastest**" if f"{cand['mesh']}/{cand['remat']}" == p["fastest"] else ""
-      if "best" not in cand:
-        lines.append(f"| {cand['mesh']} | {cand['remat']} | - / none fits | | | | | | | | |")
+      name = f"{cand['mesh']}/{cand['remat']}"
+      mark = "**fastest**" if fastest and name == fastest["candidate"] else ""
+      if "at_largest" not in cand:
+        lines.append(f"| {cand['mesh']} | {cand['remat']} | - / none fits | | | | | | | | | |")
         continue
-      b = cand["best"]
+      b, f = cand["at_largest"], cand["fastest"]
       lines.append(
         f"| {cand['mesh']} | {cand['remat']} | {cand['predicted_per_replica']} / "
         f"{cand['largest_per_replica']} | {b['global_batch']} | {b['lr']:.3g} "
         f"| {_gib(b['memory_per_chip_bytes'])} | {_ms(b['compute_bound_s'])} / "
         f"{_ms(b['memory_bound_s'])} / {_ms(b['ici_bound_s'])} "
         f"| {_ms(b['estimated_step_s'])} | {b['examples_per_s']:.1f} "
-        f"| {100 * b['implied_mfu']:.1f}% | {mark} |"
+        f"| {100 * b['implied_mfu']:.1f}% | {f['global_batch']}: {f['examples_per_s']:.1f} "
+        f"| {mark} |"
       )
     d = p["default"]
     if "examples_per_s" in d:
-      fastest = next(
-        (c["best"] for c in p["candidates"] if f"{c['mesh']}/{c['remat']}" == p["fastest"]), None
-      )
       lines += [
         "",
         f"The config's default ({d['mesh']}, remat {d['remat']}, batch {d['global_batch']}): "
@@ -540,7 +565,8 @@ def markdown(plan: dict) -> str:
         f"step {_ms(d['estimated_step_s'])} ms, {d['examples_per_s']:.1f} examples/s, "
         f"implied MFU {100 * d['implied_mfu']:.1f}%"
         + (
-          f"; the fastest candidate ({p['fastest']}, batch {fastest['global_batch']}) does "
+          f"; the fastest configuration ({fastest['candidate']}, batch "
+          f"{fastest['global_batch']}) does {fastest['examples_per_s']:.1f}, "
           f"{fastest['examples_per_s'] / d['examples_per_s']:.2f}x its examples/s."
           if fastest
           else "."
@@ -574,11 +600,10 @@ def plot(plan: dict, path: str) -> str:
         marker="o",
         label=f"{cand['mesh']} {cand['remat']}",
       )
-    marks = [
-      (c["best"], "*", 220, "black", f"fastest: {p['fastest']}")
-      for c in p["candidates"]
-      if f"{c['mesh']}/{c['remat']}" == p["fastest"]
-    ]
+    marks = []
+    if p["fastest"]:
+      f = p["fastest"]
+      marks.append((f, "*", 220, "black", f"fastest: {f['candidate']} at {f['global_batch']}"))
     if "examples_per_s" in p["default"]:
       d = p["default"]
       marks.append((d, "X", 90, "grey", f"config default: {d['mesh']}/{d['remat']}"))
