@@ -38,6 +38,7 @@ EXTRAS = {
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",
     "hypothesis==6.170.15",
+    "psutil==7.2.2",  # the planner test finds its compile worker processes
     # libtpu here too: the AOT-compile tests (tests/test_train_compile.py) need it, no TPU.
     "libtpu==0.0.42.1",
     # `transformers serve` (the real OpenAI-compatible server the backend is tested against):

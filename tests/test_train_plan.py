@@ -154,6 +154,165 @@ def test_a_prediction_one_short_costs_one_more_compile():
   assert calls == [1, 2, 4, 5, 6]
 
 
+def test_a_seed_from_a_twin_slice_costs_two_compiles_when_it_is_right():
+  """A candidate seeded with its twin's boundary (memory 10 + 3 b, limit 90 -> 26) compiles
+  the seed and the size above, nothing else; a wrong seed, too low or too high, is corrected
+  within the bracket, and one that does not fit still learns whether anything does."""
+  memory_of = lambda b: 10.0 + 3.0 * b
+  for seed, most in [(26, 2), (24, 6), (31, 8)]:
+    calls = []
+
+    def compile_point(topology, mesh, remat, global_batch, calls=calls):
+      calls.append(global_batch // mesh.replicas)
+      return {"total_bytes": memory_of(global_batch // mesh.replicas)}
+
+    found = plan.search_candidate(
+      compile_point, "t", plan.Mesh(2, 1, 1), "none", lambda r: 90.0, cap=1000, seed=seed
+    )
+    assert found["predicted"] == seed and found["largest"] == 26, seed
+    assert calls[0] == seed and 27 in calls and len(calls) == len(set(calls)) <= most, calls
+  assert calls[:2] == [31, 1]  # the seed does not fit: does one example?
+  found, calls = search(lambda b: 100.0 + b, cap=1000)
+  seeded = plan.search_candidate(
+    lambda t, m, r, g: {"total_bytes": 100.0 + g},
+    "t",
+    plan.Mesh(1, 1, 1),
+    "none",
+    lambda r: 90.0,
+    cap=1000,
+    seed=5,
+  )
+  assert seeded["largest"] is None and sorted(seeded["points"]) == [1, 5]
+
+
+def fake_plan_topology(topology, chip, seeds, prune=False, ceilings=None):
+  """plan_topology over made-up compiles: memory 10 + 3 b (+ 20 with tensor 1, the whole
+  weights), limit 90; examples/s 100 (none), 60 (block) at every batch."""
+  calls = []
+
+  def compile_point(topology, mesh, remat, global_batch):
+    b = global_batch // mesh.replicas
+    calls.append((str(mesh), remat, b))
+    step = global_batch / {"none": 100.0, "block": 60.0}[remat]
+    return {
+      "global_batch": global_batch,
+      "total_bytes": 10.0 + 3.0 * b + (20.0 if mesh.tensor == 1 else 0.0),
+      "compile_s": 1.0,
+      "cached": False,
+      "compute_bound_s": step,
+      "memory_bound_s": step / 2,
+      "ici_bound_s": 0.0,
+      "estimated_step_s": step,
+      "implied_mfu": 0.5,
+    }
+
+  class Bar:
+    n = 0
+
+    def update(self, k):
+      self.n += k
+
+  bar, chips = Bar(), 4 if topology == "small" else 16
+  meshes = [plan.Mesh(chips, 1, 1), plan.Mesh(chips // 2, 1, 2)]
+  ceilings = ceilings or {"block": 61.0, "none": 101.0}
+  config = plan.point_config(
+    __import__("configs.stage2").stage2.get_config("tiny"), meshes[0], "none", 8
+  )
+  out = plan.plan_topology(
+    config,
+    topology,
+    chip,
+    meshes,
+    ceilings,
+    compile_point,
+    lambda r: 90.0,
+    1000,
+    bar,
+    2,
+    seeds,
+    prune,
+  )
+  assert bar.n == len(meshes) * len(ceilings)
+  return out, calls
+
+
+def test_twin_candidates_on_a_larger_slice_start_from_the_smaller_ones_boundary():
+  seeds = {}
+  small, small_calls = fake_plan_topology("small", "v5e", seeds)
+  largest = {(c["mesh"], c["remat"]): c["largest_per_replica"] for c in small["candidates"]}
+  assert largest == {
+    ("4x1x1", "block"): 20,
+    ("4x1x1", "none"): 20,
+    ("2x1x2", "block"): 26,
+    ("2x1x2", "none"): 26,
+  }
+  assert all(c["predicted_from"] == "line" for c in small["candidates"])
+  # the candidates are listed mesh by mesh in the given order; the ceilings order the search
+  assert [c["remat"] for c in small["candidates"]] == ["block", "none"] * 2
+  assert seeds[("v5e", 1, 1, "none")] == {"largest": 20, "topology": "small"}
+  large, large_calls = fake_plan_topology("large", "v5e", seeds)
+  for cand in large["candidates"]:
+    assert cand["predicted_from"] == "small"
+    assert (
+      cand["largest_per_replica"]
+      == largest[(cand["mesh"].replace("16x", "4x").replace("8x1x2", "2x1x2"), cand["remat"])]
+    )
+    assert len(cand["points"]) == 2  # the seed and the size above
+  assert len(large_calls) == 2 * len(large["candidates"]) < len(small_calls)
+  other_chip, _ = fake_plan_topology("large", "v6e", seeds)
+  assert all(c["predicted_from"] == "line" for c in other_chip["candidates"])
+
+
+def test_prune_skips_the_policies_whose_ceiling_is_below_the_fastest_found():
+  pruned, calls = fake_plan_topology("small", "v5e", {}, prune=True)
+  assert {remat for _, remat, _ in calls} == {"none"}  # block's ceiling 61 < 100 found
+  by_remat = {(c["mesh"], c["remat"]): c for c in pruned["candidates"]}
+  assert all(
+    by_remat[(m, "block")] == {"mesh": m, "remat": "block", "pruned": True}
+    for m in ("4x1x1", "2x1x2")
+  )
+  assert pruned["candidates"][1]["largest_per_replica"] == 20  # 4x1x1 none, searched
+  # a ceiling within the tolerance of the fastest found is searched
+  kept, calls = fake_plan_topology(
+    "small", "v5e", {}, prune=True, ceilings={"block": 99.5, "none": 101.0}
+  )
+  assert {remat for _, remat, _ in calls} == {"none", "block"}
+  text = plan.markdown(
+    {
+      "config": {
+        "llm": "l",
+        "vision": "v",
+        "stage": 2,
+        "frames": 16,
+        "tokens_per_frame": 9,
+        "global_batch": 8,
+        "lr": 1e-5,
+        "lr_scaling": "none",
+        "lr_reference_batch": 0,
+      },
+      "headroom": 0.1,
+      "hbm_gib": None,
+      "topologies": {
+        "small": {
+          **pruned,
+          "chips": 4,
+          "compiles": len(calls),
+          "compile_s": 1.0,
+          "cached_results": 0,
+          "points": 4,
+          "points_compile_s": 4.0,
+          "fastest": plan.fastest_configuration(pruned["candidates"]),
+          "largest": plan.largest_configuration(pruned["candidates"]),
+          "default": {"error": "-"},
+        }
+      },
+    }
+  )
+  assert text.count("not searched (pruned") == 2
+  assert "Compute ceiling per remat policy" in text and "block 61.0, none 101.0" in text
+  assert "The largest batch that fits: 80 (4x1x1/none)" in text
+
+
 def test_the_fastest_point_is_not_always_the_largest_batch():
   point = lambda batch, per_s: {"global_batch": batch, "examples_per_s": per_s}
   # HBM bound (v6e): examples/s falls with the batch, so a small batch is the fastest
@@ -197,6 +356,11 @@ def test_the_largest_batch_fits_and_the_next_does_not(planned):
     assert all(v["fits"] == (int(b) <= largest) for b, v in points.items())
     at_largest = cand["at_largest"]
     assert at_largest["global_batch"] == largest * 4  # a multiple of the batch axes
+    # the compute ceiling is each compiled point's compute bound, per example: none passes it
+    ceiling = p["compute_ceiling"][cand["remat"]]
+    for v in points.values():
+      assert v["global_batch"] / v["compute_bound_s"] == pytest.approx(ceiling, rel=1e-9)
+      assert v["examples_per_s"] <= ceiling * (1 + 1e-9)
     assert at_largest["examples_per_s"] == pytest.approx(
       at_largest["global_batch"] / at_largest["estimated_step_s"]
     )
@@ -206,6 +370,10 @@ def test_the_largest_batch_fits_and_the_next_does_not(planned):
     assert cand["fastest"]["examples_per_s"] >= (1 - plan.FASTEST_TOLERANCE) * max(
       v["examples_per_s"] for v in fitting
     )
+  assert p["compute_ceiling"]["block"] < p["compute_ceiling"]["none"]  # block recomputes
+  assert p["largest"]["global_batch"] == max(
+    c["at_largest"]["global_batch"] for c in p["candidates"]
+  )
   fastest = p["fastest"]
   assert fastest["candidate"] in {f"{c['mesh']}/{c['remat']}" for c in p["candidates"]}
   assert all(
@@ -241,6 +409,37 @@ def test_the_reports_are_written_and_read_back(planned):
   assert json.loads((out / "plan.json").read_text()) == report
   assert (out / "examples_per_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert text.strip() in second.stdout
+
+
+@needs_libtpu
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL"])
+def test_stopping_the_planner_ends_its_compile_workers(tmp_path, stop):
+  """Ctrl-C, or a kill that leaves no time to clean up, ends the planner's compile processes
+  too: none is left compiling or waiting for work."""
+  import signal
+  import time
+
+  import psutil
+
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "train.plan", *ARGS, f"--out={tmp_path}", "--max_per_replica=4096"],
+    cwd=REPO,
+    env=env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  try:
+    planner, workers, deadline = psutil.Process(proc.pid), [], time.monotonic() + 300
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+      workers = [p for p in planner.children() if "spawn_main" in " ".join(p.cmdline())]
+      time.sleep(0.2)
+    assert len(workers) == 2, "the planner did not start its two compile workers"
+    proc.send_signal(getattr(signal, stop))
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+  finally:
+    proc.kill()
 
 
 class CacheMiss(Exception):

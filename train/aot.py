@@ -102,6 +102,39 @@ def topology_devices(name: str):
     ) from None
 
 
+def chip_of(devices, topology: str) -> Chip:
+  kind = devices[0].device_kind
+  if kind not in CHIPS:
+    raise errors.InputError(
+      f"--topology={topology}: no published figures for device kind {kind!r}; "
+      f"known: {sorted(CHIPS)}"
+    )
+  return CHIPS[kind]
+
+
+def compute_ceiling(config, topology: str) -> float:
+  """Examples/s that no mesh and no batch can pass on `topology` with the config's model and
+  remat policy: the roofline's compute bound alone, chips x peak FLOP/s over the hardware FLOPs
+  of one example (in stage 1, its two tasks' step times averaged with the task ratio's
+  weights, as the plan averages them). Analytic: nothing is compiled. A point's roofline
+  step time is at least its compute bound, so its examples/s are at most this."""
+  from train import step as step_lib
+  from train import trainer
+
+  devices = topology_devices(topology)
+  chip = chip_of(devices, topology)
+  selector_cfg, ratio = trainer.check_config(config, runtime=False)
+  kernel = attention_lib.attention_kernel(config.model.attention, "tpu")
+  cached = bool(config.data.cache_visual_tokens)
+  weights = {task: count for task, count in zip(step_lib.TASKS, ratio) if count}
+  hardware_flops = sum(
+    count * step_flops(config, selector_cfg, task, cached, kernel)[1]
+    for task, count in weights.items()
+  ) / sum(weights.values())
+  step_s = hardware_flops / len(devices) / chip.peak_bf16_flops
+  return config.data.global_batch_size / step_s
+
+
 def compile_report(config, topology: str, cache_dir: str | None = None) -> dict:
   """The report of the config's train step(s) compiled for `topology`. With `cache_dir`, the
   compiler's figures of each step are read from there when that program was compiled before
@@ -110,13 +143,7 @@ def compile_report(config, topology: str, cache_dir: str | None = None) -> dict:
   from train import step as step_lib
 
   devices = topology_devices(topology)
-  kind = devices[0].device_kind
-  if kind not in CHIPS:
-    raise errors.InputError(
-      f"--topology={topology}: no published figures for device kind {kind!r}; "
-      f"known: {sorted(CHIPS)}"
-    )
-  chip = CHIPS[kind]
+  chip = chip_of(devices, topology)
   selector_cfg, ratio = trainer.check_config(config, runtime=False)
   mesh = trainer.make_mesh(config, devices)
   trainer.check_batch(config, mesh, process_count=1)
@@ -156,7 +183,7 @@ def compile_report(config, topology: str, cache_dir: str | None = None) -> dict:
     "tasks": {},
   }
   attention = attention_lib.causal_attention_for(config.model.attention, mesh, "tpu")
-  report["attention"] = "flash" if attention is not None else "xla"
+  report["attention"] = attention_lib.attention_kernel(config.model.attention, "tpu")
   for task in [t for t, count in zip(step_lib.TASKS, ratio) if count]:
     fields = step_lib.step_fields(task, cached)
     batch_shardings = step_lib.batch_shardings(mesh, spec, fields)

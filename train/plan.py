@@ -1,5 +1,5 @@
 """python -m train.plan --config=configs/stage2.py --topologies=v5e:4x4,v5p:2x2x1 [--out=DIR]
-    [--jobs=N] [--meshes=-1:1:1,...] [--remats=none,block,...] [--headroom=0.1]
+    [--jobs=N] [--meshes=-1:1:1,...] [--remats=none,block,...] [--headroom=0.1] [--prune]
 
 Plans a pod run from a CPU host (needs libtpu, no TPU). For each topology it searches
   - the meshes: every data x fsdp x tensor factorisation of the chips whose tensor size
@@ -15,6 +15,13 @@ known to fit and not to fit (`search_candidate`). Every compile is the train ste
 runs (`train.aot.compile_report`), and its figures are cached on disk under the hash of the
 lowered program, the topology and the versions (`train.aot.program_key`), so a rerun or an
 extended sweep compiles only what is new. --jobs runs that many compiles at once.
+
+Two more economies. Slices are planned smallest first, and a candidate whose per-chip program
+was searched on a smaller slice of the same chip (`twin_key`: same fsdp, tensor and remat)
+starts from that slice's largest batch: two compiles confirm it. Each remat policy has a
+compute ceiling, the examples/s that the roofline's compute bound alone allows on the slice
+(`train.aot.compute_ceiling`, analytic); policies are searched highest ceiling first, and
+with --prune a policy whose ceiling is below the fastest point already found is skipped.
 
 Writes plan.md, plan.json and examples_per_s.png (examples/s against the global batch per
 topology) to --out, and prints the Markdown. The fastest configuration per topology (the
@@ -35,6 +42,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -66,6 +74,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_string(
   "cache_dir", None, "compiled figures, one JSON per program (default: <out>/compile_cache)."
+)
+flags.DEFINE_bool(
+  "prune",
+  False,
+  "skip the remat policies whose compute ceiling is below the fastest point found: they "
+  "cannot be the fastest (their largest batches are then not searched).",
 )
 
 
@@ -135,6 +149,19 @@ def point_config(config, mesh: Mesh, remat: str, global_batch: int):
   return c
 
 
+def exit_with_parent(parent_pid: int) -> None:
+  """A compile worker's initializer: end the worker once the planner that started it is gone
+  (killed, or interrupted while the worker was compiling), instead of leaving it compiling or
+  waiting for work forever."""
+
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(1.0)
+    os._exit(1)
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
 class Compiler:
   """Compiles points through `train.aot.compile_report`, whose cache (one file per lowered
   program, under cache_dir) answers every program compiled before; counts the programs it
@@ -152,7 +179,10 @@ class Compiler:
     self._pool = None
     if jobs > 1:
       self._pool = concurrent.futures.ProcessPoolExecutor(
-        jobs, mp_context=multiprocessing.get_context("spawn")
+        jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=exit_with_parent,
+        initargs=(os.getpid(),),
       )
 
   def __call__(self, topology: str, mesh: Mesh, remat: str, global_batch: int) -> dict:
@@ -191,9 +221,15 @@ class Compiler:
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    if self._pool is not None:
-      self._pool.shutdown(cancel_futures=True)
+  def __exit__(self, exc_type, *exc):
+    if self._pool is None:
+      return
+    if exc_type is not None:
+      # Interrupted (Ctrl-C, an error): end the compiles under way instead of waiting minutes
+      # for them; their futures then fail, which frees the threads waiting on them.
+      for process in list((self._pool._processes or {}).values()):
+        process.terminate()
+    self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
 
   def usable_hbm(self, result: dict) -> float:
     return self.hbm_bytes if self.hbm_bytes is not None else result["hbm_bytes"]
@@ -242,21 +278,25 @@ def predict_largest(points: dict[int, float], limit: float, cap: int) -> int:
   return max(1, min(cap, math.floor((limit - intercept) / slope)))
 
 
-def search_candidate(compile_point, topology, mesh, remat, limit_of, cap) -> dict:
+def search_candidate(compile_point, topology, mesh, remat, limit_of, cap, seed=None) -> dict:
   """The largest per-replica batch that fits, for one (mesh, remat), up to `cap`.
 
   Compiles at 1 and 2 examples per replica predict it on a line; a compile at the prediction
-  and one at the size above confirm it, so a right prediction costs four compiles. When it is
-  wrong (small models: the TPU compiler's temporaries do not grow linearly), the search goes
-  on inside the bracket of the largest batch known to fit below the smallest known not to:
-  each next size is interpolated on the line between the bracket's ends, or is the bracket's
-  middle when the last interpolation did not halve it. While nothing is known not to fit, it
-  looks further up: on the line through the two largest sizes measured (at least one size
-  up), or at twice the largest fit when that line does not rise. It
-  ends when the two ends are neighbours: the lower one fits and the one above does not.
+  and one at the size above confirm it, so a right prediction costs four compiles. With a
+  `seed` (the largest batch of the same per-chip program on another slice, `twin_key`), the
+  seed is the prediction and the two compiles that confirm it are all a right one costs.
+  When the prediction is wrong (small models: the TPU compiler's temporaries do not grow
+  linearly), the search goes on inside the bracket of the largest batch known to fit below
+  the smallest known not to: each next size is interpolated on the line between the
+  bracket's ends, or is the bracket's middle when the last interpolation did not halve it.
+  While nothing is known not to fit, it looks further up: on the line through the two
+  largest sizes measured (at least one size up), or at twice the largest fit when that line
+  does not rise. It ends when the two ends are neighbours: the lower one fits and the one
+  above does not.
 
-  Returns {"predicted": int | None (from the first two compiles), "largest": int | None
-  (None: not even one example per replica fits), "points": {per-replica batch: result}}."""
+  Returns {"predicted": int | None (from the first two compiles, or the seed), "largest":
+  int | None (None: not even one example per replica fits), "points": {per-replica batch:
+  result}}."""
   points, memory, fitting = {}, {}, set()
 
   def measure(b):
@@ -272,21 +312,32 @@ def search_candidate(compile_point, topology, mesh, remat, limit_of, cap) -> dic
     low = max([b for b in fitting if b < high], default=0)
     return low, high
 
-  measure(1)
-  if 1 not in fitting:
-    return {"predicted": None, "largest": None, "points": points}
-  if cap == 1:
-    return {"predicted": 1, "largest": 1, "points": points}
-  measure(2)
-  limit = limit_of(points[1])
-  predicted = 1
-  if len(memory) == 2:
-    predicted = predict_largest(dict(memory), limit, cap)
-  low, high = bracket()
-  if low < predicted < high:
+  nothing_fits = lambda predicted: {"predicted": predicted, "largest": None, "points": points}
+  if seed is not None:
+    predicted = min(seed, cap)
     measure(predicted)
     if predicted in fitting and predicted < cap:
       measure(predicted + 1)  # must not fit
+    elif predicted not in fitting and predicted > 1:
+      measure(1)
+    if 1 in points and 1 not in fitting:
+      return nothing_fits(predicted)
+  else:
+    measure(1)
+    if 1 not in fitting:
+      return nothing_fits(None)
+    if cap == 1:
+      return {"predicted": 1, "largest": 1, "points": points}
+    measure(2)
+    predicted = 1
+    if len(memory) == 2:
+      predicted = predict_largest(dict(memory), limit_of(points[1]), cap)
+    low, high = bracket()
+    if low < predicted < high:
+      measure(predicted)
+      if predicted in fitting and predicted < cap:
+        measure(predicted + 1)  # must not fit
+  limit = limit_of(next(iter(points.values())))
   last_width = None
   while True:
     low, high = bracket()
@@ -309,6 +360,15 @@ def search_candidate(compile_point, topology, mesh, remat, limit_of, cap) -> dic
   return {"predicted": predicted, "largest": low, "points": points}
 
 
+def twin_key(chip: str, mesh: Mesh, remat: str) -> tuple:
+  """Candidates with one key compile the same per-chip program at each per-replica batch:
+  the same chip, weight sharding (fsdp, tensor) and remat policy, with only the data axis
+  (the replica groups of the gradient all-reduce) different. On v5e:4x4 and v5e:16x16 the
+  data-parallel searches found the same boundaries with memory per chip within 0.1%
+  (benchmarks/results_plan.md), so one slice's largest batch seeds the other's search."""
+  return chip, mesh.fsdp, mesh.tensor, remat
+
+
 # --- The plan ---
 
 
@@ -329,15 +389,39 @@ def estimate(result: dict, train_config) -> dict:
   }
 
 
-def plan_topology(config, topology, meshes, remats, compile_point, limit_of, cap, bar, jobs):
-  """Every (mesh, remat) candidate's search; `jobs` of them at a time."""
+def plan_topology(
+  config,
+  topology,
+  chip,
+  meshes,
+  ceilings,
+  compile_point,
+  limit_of,
+  cap,
+  bar,
+  jobs,
+  seeds,
+  prune=False,
+):
+  """Every (mesh, remat) candidate's search, `jobs` of them at a time: the meshes, and the
+  remat policies of `ceilings` (policy -> `aot.compute_ceiling`) highest ceiling first.
+
+  seeds: twin_key -> {"largest", "topology"} of searches on other slices; a candidate with a
+  twin starts from its largest batch (`search_candidate`), and this slice's results are
+  added for the slices after it. prune: a policy whose ceiling is below the fastest point
+  found so far is not searched (none of its candidates can be the fastest); its candidates
+  are reported as pruned."""
 
   def plan_candidate(mesh, remat):
-    found = search_candidate(compile_point, topology, mesh, remat, limit_of, cap)
+    seed = seeds.get(twin_key(chip, mesh, remat))
+    found = search_candidate(
+      compile_point, topology, mesh, remat, limit_of, cap, seed=seed and seed["largest"]
+    )
     entry = {
       "mesh": str(mesh),
       "remat": remat,
       "predicted_per_replica": found["predicted"],
+      "predicted_from": seed["topology"] if seed else "line",
       "largest_per_replica": found["largest"],
       "points": {
         str(b): {
@@ -362,10 +446,37 @@ def plan_topology(config, topology, meshes, remats, compile_point, limit_of, cap
     bar.update(1)
     return entry
 
-  pairs = [(mesh, remat) for mesh in meshes for remat in remats]
-  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-    candidates = list(pool.map(lambda pair: plan_candidate(*pair), pairs))
-  return {"candidates": candidates}
+  remats = list(ceilings)
+  order = sorted(remats, key=lambda remat: -ceilings[remat])
+  # Without pruning every candidate is searched: one queue keeps all jobs busy.
+  groups = (
+    [[(m, r) for r in order for m in meshes]]
+    if not prune
+    else [[(m, r) for m in meshes] for r in order]
+  )
+  entries = {}
+  for pairs in groups:
+    remat = pairs[0][1]
+    best = fastest_configuration(list(entries.values()))
+    if prune and best and ceilings[remat] < (1 - FASTEST_TOLERANCE) * best["examples_per_s"]:
+      for mesh, _ in pairs:
+        entries[(str(mesh), remat)] = {"mesh": str(mesh), "remat": remat, "pruned": True}
+      bar.update(len(pairs))
+      continue
+    pool = concurrent.futures.ThreadPoolExecutor(jobs)
+    try:
+      found = pool.map(lambda pair: plan_candidate(*pair), pairs)
+      entries.update({(e["mesh"], e["remat"]): e for e in found})
+    finally:  # interrupted: the searches not started are dropped, not waited for
+      pool.shutdown(wait=False, cancel_futures=True)
+  candidates = [entries[(str(m), r)] for m in meshes for r in remats]
+  for mesh, entry in zip([m for m in meshes for _ in remats], candidates):
+    if entry.get("largest_per_replica"):
+      seeds.setdefault(
+        twin_key(chip, mesh, entry["remat"]),
+        {"largest": entry["largest_per_replica"], "topology": topology},
+      )
+  return {"candidates": candidates, "compute_ceiling": ceilings}
 
 
 # Roofline estimates within this fraction of each other count as equally fast.
@@ -388,6 +499,17 @@ def fastest_configuration(candidates: list[dict]) -> dict | None:
     {"candidate": f"{c['mesh']}/{c['remat']}", **c["fastest"]} for c in candidates if "fastest" in c
   ]
   return fastest_of(named) if named else None
+
+
+def largest_configuration(candidates: list[dict]) -> dict | None:
+  """{"candidate": "mesh/remat", **estimate} of the largest fitting global batch over every
+  candidate (the more examples/s among equal batches); None when nothing fits."""
+  named = [
+    {"candidate": f"{c['mesh']}/{c['remat']}", **c["at_largest"]}
+    for c in candidates
+    if "at_largest" in c
+  ]
+  return max(named, key=lambda e: (e["global_batch"], e["examples_per_s"])) if named else None
 
 
 def default_point(config, topology, devices, compile_point, limit_of) -> dict:
@@ -417,6 +539,7 @@ def run_plan(
   max_per_replica=4096,
   cache_dir,
   jobs=1,
+  prune=False,
   progress=True,
 ) -> dict:
   from tqdm import tqdm
@@ -446,8 +569,10 @@ def run_plan(
   cached = bool(config.data.cache_visual_tokens)
   hbm_bytes = None if hbm_gib is None else hbm_gib * aot.GIB
   plans, work = {}, []
+  topologies = list(dict.fromkeys(topologies))
   for topology in topologies:
-    chips = len(aot.topology_devices(topology))
+    devices = aot.topology_devices(topology)
+    chips = len(devices)
     allowed = mesh_shapes(chips, selector_cfg, cached)
     chosen = allowed if not meshes else [m.resolved(chips) for m in meshes]
     chosen = [m for m in dict.fromkeys(chosen) if m in allowed]
@@ -456,17 +581,34 @@ def run_plan(
         f"--meshes: none of {[str(m) for m in meshes]} is allowed on {topology} ({chips} "
         f"chips); allowed: {', '.join(str(m) for m in allowed)}"
       )
-    work.append((topology, chips, chosen))
-  total = sum(len(chosen) * len(remats) for _, _, chosen in work)
+    batch = config.data.global_batch_size
+    ceilings = {
+      r: aot.compute_ceiling(point_config(config, chosen[0], r, batch), topology) for r in remats
+    }
+    work.append((topology, chips, aot.chip_of(devices, topology).name, chosen, ceilings))
+  total = sum(len(chosen) * len(remats) for _, _, _, chosen, _ in work)
   compiler = Compiler(config, cache_dir, hbm_bytes, jobs)
   limit_of = lambda result: (1 - headroom) * compiler.usable_hbm(result)
   bar = tqdm(total=total, desc="planning (mesh, remat) candidates", disable=not progress)
   compiler.progress = bar
+  seeds = {}  # twin_key -> the largest batch found on a smaller slice
   with compiler, bar:
-    for topology, chips, chosen in work:
+    # Smaller slices first, so that their boundaries seed their twins' on larger ones.
+    for topology, chips, chip, chosen, ceilings in sorted(work, key=lambda w: w[1]):
       before = (compiler.compiles, compiler.cached, compiler.compile_s)
       plan = plan_topology(
-        config, topology, chosen, remats, compiler, limit_of, max_per_replica, bar, jobs
+        config,
+        topology,
+        chip,
+        chosen,
+        ceilings,
+        compiler,
+        limit_of,
+        max_per_replica,
+        bar,
+        jobs,
+        seeds,
+        prune,
       )
       plan["default"] = default_point(config, topology, chips, compiler, limit_of)
       plan["chips"] = chips
@@ -476,7 +618,9 @@ def run_plan(
       seconds = [s for key, s in compiler.programs.items() if key[0] == topology]
       plan["points"], plan["points_compile_s"] = len(seconds), sum(seconds)
       plan["fastest"] = fastest_configuration(plan["candidates"])
+      plan["largest"] = largest_configuration(plan["candidates"])
       plans[topology] = plan
+  plans = {topology: plans[topology] for topology in topologies}
   return {
     "config": {
       "llm": config.model.llm,
@@ -494,6 +638,7 @@ def run_plan(
     "headroom": headroom,
     "hbm_gib": hbm_gib,
     "remats": remats,
+    "prune": prune,
     "versions": aot.versions(),
     "topologies": plans,
   }
@@ -531,7 +676,10 @@ def markdown(plan: dict) -> str:
       f"{p['cached_results']} results from the cache",
       "",
       f"The search compiled {p['points']} points; compiling them all took "
-      f"{p['points_compile_s']:.0f} s (whenever each was first compiled).",
+      f"{p['points_compile_s']:.0f} s (whenever each was first compiled). Compute ceiling per "
+      "remat policy (the examples/s no mesh and no batch can pass): "
+      + ", ".join(f"{r} {v:.1f}" for r, v in p["compute_ceiling"].items())
+      + ".",
       "",
       "| mesh (data x fsdp x tensor) | remat | largest batch per replica: predicted / confirmed "
       "| global batch | lr | memory per chip (GiB) | compute / HBM / ICI bound (ms) "
@@ -542,12 +690,22 @@ def markdown(plan: dict) -> str:
     for cand in p["candidates"]:
       name = f"{cand['mesh']}/{cand['remat']}"
       mark = "**fastest**" if fastest and name == fastest["candidate"] else ""
+      if cand.get("pruned"):
+        lines.append(
+          f"| {cand['mesh']} | {cand['remat']} | not searched (pruned: its compute ceiling is "
+          "below the fastest point found) | | | | | | | | | |"
+        )
+        continue
       if "at_largest" not in cand:
         lines.append(f"| {cand['mesh']} | {cand['remat']} | - / none fits | | | | | | | | | |")
         continue
       b, f = cand["at_largest"], cand["fastest"]
+      source = cand.get("predicted_from", "line")
+      predicted = f"{cand['predicted_per_replica']}" + (
+        f" (from {source})" if source != "line" else ""
+      )
       lines.append(
-        f"| {cand['mesh']} | {cand['remat']} | {cand['predicted_per_replica']} / "
+        f"| {cand['mesh']} | {cand['remat']} | {predicted} / "
         f"{cand['largest_per_replica']} | {b['global_batch']} | {b['lr']:.3g} "
         f"| {_gib(b['memory_per_chip_bytes'])} | {_ms(b['compute_bound_s'])} / "
         f"{_ms(b['memory_bound_s'])} / {_ms(b['ici_bound_s'])} "
@@ -555,6 +713,13 @@ def markdown(plan: dict) -> str:
         f"| {100 * b['implied_mfu']:.1f}% | {f['global_batch']}: {f['examples_per_s']:.1f} "
         f"| {mark} |"
       )
+    if p.get("largest"):
+      g = p["largest"]
+      lines += [
+        "",
+        f"The largest batch that fits: {g['global_batch']} ({g['candidate']}), "
+        f"{g['examples_per_s']:.1f} examples/s.",
+      ]
     d = p["default"]
     if "examples_per_s" in d:
       lines += [
@@ -660,6 +825,7 @@ def main(argv):
       headroom=f.headroom,
       hbm_gib=f.hbm_gib,
       max_per_replica=f.max_per_replica,
+      prune=f.prune,
       cache_dir=f.cache_dir or os.path.join(f.out, "compile_cache"),
       jobs=f.jobs,
     )

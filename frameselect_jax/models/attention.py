@@ -179,13 +179,21 @@ def flash_attention(mesh, *, reference: bool = False) -> CausalAttention:
   return attention
 
 
-def causal_attention_for(choice: str, mesh, platform: str) -> CausalAttention | None:
-  """The causal attention of a config's `model.attention` = xla | flash | auto (auto: the
-  flash kernel when compiling for TPU, XLA's elsewhere). None means `causal_attention`."""
+def attention_kernel(choice: str, platform: str) -> str:
+  """ "flash" or "xla": the causal attention kernel a config's `model.attention` = xla | flash |
+  auto picks on `platform` (auto: the flash kernel when compiling for TPU, XLA's elsewhere)."""
   if choice not in ("auto", "xla", "flash"):
     raise ValueError(f"model.attention must be auto, xla or flash, got {choice!r}")
   if choice == "flash" or (choice == "auto" and platform == "tpu"):
     if platform != "tpu":
       raise ValueError(f"model.attention='flash' is a TPU kernel; this step targets {platform}")
+    return "flash"
+  return "xla"
+
+
+def causal_attention_for(choice: str, mesh, platform: str) -> CausalAttention | None:
+  """The causal attention of a config's `model.attention` (`attention_kernel`) over `mesh`.
+  None means `causal_attention`."""
+  if attention_kernel(choice, platform) == "flash":
     return flash_attention(mesh)
   return None
