@@ -14,7 +14,13 @@ import numpy as np
 from flax import nnx
 
 from frameselect_jax import sharding as shd
-from frameselect_jax.experiment import abstract_model, build_model, frozen_dtype, trainable_filter
+from frameselect_jax.experiment import (
+  abstract_model,
+  build_model,
+  frozen_dtype,
+  selector_config,
+  trainable_filter,
+)
 from frameselect_jax.models.selector import Selector
 
 
@@ -24,6 +30,28 @@ def split(model: Selector, config):
   if not jax.tree.leaves(params):
     raise ValueError(f"no trainable parameters: train.trainable={tuple(config.train.trainable)}")
   return graphdef, params, frozen
+
+
+# Model-defining fields -> split(abstract_model(config)): see `abstract_split`.
+_ABSTRACT_SPLITS = {}
+
+
+def abstract_split(config):
+  """split(abstract_model(config)), built once per process for each model: tracing the
+  initialisation of a real-size model takes about 30 s (each update of flax's RNG counter
+  makes jax build an error message that walks the whole trace so far), and the planner
+  prepares many points (meshes, batches) of one model. The states are shared between
+  callers: read them, do not modify them."""
+  key = (
+    selector_config(config.model),
+    config.seed,
+    config.stage,
+    config.lora.to_json(),
+    tuple(config.train.trainable),
+  )
+  if key not in _ABSTRACT_SPLITS:
+    _ABSTRACT_SPLITS[key] = split(abstract_model(config), config)
+  return _ABSTRACT_SPLITS[key]
 
 
 def shardings_of(state, mesh, rules):
@@ -61,7 +89,7 @@ def prepare(config, mesh, rules):
   if not config.model.llm_dir:
     # Random init inside one jit: every array is created directly on its sharding, and one
     # compilation replaces one per parameter.
-    graphdef, params_abs, frozen_abs = split(abstract_model(config), config)
+    graphdef, params_abs, frozen_abs = abstract_split(config)
     param_shardings = shardings_of(params_abs, mesh, rules)
     frozen_shardings = shardings_of(frozen_abs, mesh, rules)
     cast_frozen = frozen_dtype(config.model.frozen_dtype)
@@ -87,7 +115,7 @@ def prepare(config, mesh, rules):
 
 def prepare_abstract(config, mesh, rules):
   """The same as `prepare`, as ShapeDtypeStructs with shardings (no weights)."""
-  graphdef, params_state, frozen_state = split(abstract_model(config), config)
+  graphdef, params_state, frozen_state = abstract_split(config)
   param_shardings = shardings_of(params_state, mesh, rules)
   frozen_shardings = shardings_of(frozen_state, mesh, rules)
   params = abstract_of(nnx.to_pure_dict(params_state), param_shardings, lambda x: jnp.float32)
