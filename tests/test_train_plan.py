@@ -25,8 +25,9 @@ needs_libtpu = pytest.mark.skipif(
 HBM_GIB = 0.03  # ~31 MiB chips: the tiny stage-2 step fits a handful of examples per replica
 ARGS = (
   "--config=configs/stage2.py:tiny",
-  "--topologies=v5e:2x2",
-  "--meshes=-1:1:1",  # 4x1x1: data parallel
+  # the larger slice first: the smaller one is planned first all the same, and seeds it
+  "--topologies=v5e:2x4,v5e:2x2",
+  "--meshes=-1:1:1",  # 4x1x1 and 8x1x1: data parallel
   "--remats=none,block",
   f"--hbm_gib={HBM_GIB}",
   "--headroom=0.1",
@@ -337,13 +338,15 @@ def test_the_search_stops_at_its_cap_and_when_one_example_does_not_fit():
 
 
 @needs_libtpu
-def test_the_largest_batch_fits_and_the_next_does_not(planned):
+@pytest.mark.parametrize("topology, chips", [("v5e:2x2", 4), ("v5e:2x4", 8)])
+def test_the_largest_batch_fits_and_the_next_does_not(planned, topology, chips):
   _, report, _, first, _ = planned
-  p = report["topologies"]["v5e:2x2"]
+  assert list(report["topologies"]) == ["v5e:2x4", "v5e:2x2"]  # as given
+  p = report["topologies"][topology]
   limit = (1 - 0.1) * HBM_GIB * 1024**3
-  assert p["chips"] == 4 and [(c["mesh"], c["remat"]) for c in p["candidates"]] == [
-    ("4x1x1", "none"),
-    ("4x1x1", "block"),
+  assert p["chips"] == chips and [(c["mesh"], c["remat"]) for c in p["candidates"]] == [
+    (f"{chips}x1x1", "none"),
+    (f"{chips}x1x1", "block"),
   ]
   for cand in p["candidates"]:
     largest = cand["largest_per_replica"]
@@ -355,7 +358,7 @@ def test_the_largest_batch_fits_and_the_next_does_not(planned):
     # every batch below the largest that was compiled fits; every one above does not
     assert all(v["fits"] == (int(b) <= largest) for b, v in points.items())
     at_largest = cand["at_largest"]
-    assert at_largest["global_batch"] == largest * 4  # a multiple of the batch axes
+    assert at_largest["global_batch"] == largest * chips  # a multiple of the batch axes
     # the compute ceiling is each compiled point's compute bound, per example: none passes it
     ceiling = p["compute_ceiling"][cand["remat"]]
     for v in points.values():
@@ -387,16 +390,30 @@ def test_the_largest_batch_fits_and_the_next_does_not(planned):
 
 
 @needs_libtpu
+def test_the_larger_slice_starts_from_its_twins_boundary(planned):
+  """8x1x1 on v5e:2x4 compiles the per-chip program of 4x1x1 on v5e:2x2: its search starts
+  at the smaller slice's largest batch, and costs two compiles when that holds."""
+  _, report, _, _, _ = planned
+  small, large = report["topologies"]["v5e:2x2"], report["topologies"]["v5e:2x4"]
+  for twin, cand in zip(small["candidates"], large["candidates"]):
+    assert twin["predicted_from"] == "line" and cand["predicted_from"] == "v5e:2x2"
+    assert cand["predicted_per_replica"] == twin["largest_per_replica"]
+    if cand["largest_per_replica"] == cand["predicted_per_replica"]:
+      assert sorted(map(int, cand["points"])) == [cand["largest_per_replica"] + i for i in (0, 1)]
+
+
+@needs_libtpu
 def test_a_second_run_compiles_nothing(planned):
   _, first, second, _, _ = planned
-  before, after = first["topologies"]["v5e:2x2"], second["topologies"]["v5e:2x2"]
-  assert after["compiles"] == 0 and after["compile_s"] == 0
-  assert after["cached_results"] == before["compiles"] + before["cached_results"]
-  strip = lambda cands: [
-    {**c, "points": {b: {**v, "cached": None} for b, v in c["points"].items()}} for c in cands
-  ]
-  assert strip(after["candidates"]) == strip(before["candidates"])
-  assert all(v["cached"] for c in after["candidates"] for v in c["points"].values())
+  for topology in ("v5e:2x2", "v5e:2x4"):
+    before, after = first["topologies"][topology], second["topologies"][topology]
+    assert after["compiles"] == 0 and after["compile_s"] == 0
+    assert after["cached_results"] == before["compiles"] + before["cached_results"]
+    strip = lambda cands: [
+      {**c, "points": {b: {**v, "cached": None} for b, v in c["points"].items()}} for c in cands
+    ]
+    assert strip(after["candidates"]) == strip(before["candidates"])
+    assert all(v["cached"] for c in after["candidates"] for v in c["points"].values())
 
 
 @needs_libtpu
@@ -406,6 +423,7 @@ def test_the_reports_are_written_and_read_back(planned):
   assert text == plan.markdown(report)
   assert "## v5e:2x2 (4 chips): 0 compiles" in text and "**fastest**" in text
   assert "The config's default (4x1x1, remat none, batch 8)" in text
+  assert "## v5e:2x4 (8 chips): 0 compiles" in text and "(from v5e:2x2)" in text
   assert json.loads((out / "plan.json").read_text()) == report
   assert (out / "examples_per_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert text.strip() in second.stdout
