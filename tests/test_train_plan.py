@@ -250,10 +250,10 @@ def test_twin_candidates_on_a_larger_slice_start_from_the_smaller_ones_boundary(
   assert all(c["predicted_from"] == "line" for c in small["candidates"])
   # the candidates are listed mesh by mesh in the given order; the ceilings order the search
   assert [c["remat"] for c in small["candidates"]] == ["block", "none"] * 2
-  assert seeds[("v5e", 1, 1, "none")] == {"largest": 20, "topology": "small"}
+  assert seeds[("v5e", 1, 1, "none")] == {"largest": 20, "topology": "small", "mesh": "4x1x1"}
   large, large_calls = fake_plan_topology("large", "v5e", seeds)
   for cand in large["candidates"]:
-    assert cand["predicted_from"] == "small"
+    assert cand["predicted_from"] == "small " + ("4x1x1" if cand["mesh"] == "16x1x1" else "2x1x2")
     assert (
       cand["largest_per_replica"]
       == largest[(cand["mesh"].replace("16x", "4x").replace("8x1x2", "2x1x2"), cand["remat"])]
@@ -262,6 +262,12 @@ def test_twin_candidates_on_a_larger_slice_start_from_the_smaller_ones_boundary(
   assert len(large_calls) == 2 * len(large["candidates"]) < len(small_calls)
   other_chip, _ = fake_plan_topology("large", "v6e", seeds)
   assert all(c["predicted_from"] == "line" for c in other_chip["candidates"])
+  # without a twin, the seed is the one with the most fsdp below (same chip, tensor, remat)
+  seeds[("v5e", 4, 1, "none")] = {"largest": 7, "topology": "mid", "mesh": "4x4x1"}
+  assert plan.seed_for(seeds, "v5e", plan.Mesh(1, 16, 1), "none")["mesh"] == "4x4x1"
+  assert plan.seed_for(seeds, "v5e", plan.Mesh(8, 2, 1), "none")["mesh"] == "4x1x1"
+  assert plan.seed_for(seeds, "v5e", plan.Mesh(1, 8, 2), "none")["mesh"] == "2x1x2"
+  assert plan.seed_for(seeds, "v5e", plan.Mesh(1, 8, 2), "save_projections") is None
 
 
 def test_prune_skips_the_policies_whose_ceiling_is_below_the_fastest_found():
@@ -396,7 +402,7 @@ def test_the_larger_slice_starts_from_its_twins_boundary(planned):
   _, report, _, _, _ = planned
   small, large = report["topologies"]["v5e:2x2"], report["topologies"]["v5e:2x4"]
   for twin, cand in zip(small["candidates"], large["candidates"]):
-    assert twin["predicted_from"] == "line" and cand["predicted_from"] == "v5e:2x2"
+    assert twin["predicted_from"] == "line" and cand["predicted_from"] == "v5e:2x2 4x1x1"
     assert cand["predicted_per_replica"] == twin["largest_per_replica"]
     if cand["largest_per_replica"] == cand["predicted_per_replica"]:
       assert sorted(map(int, cand["points"])) == [cand["largest_per_replica"] + i for i in (0, 1)]
@@ -423,7 +429,7 @@ def test_the_reports_are_written_and_read_back(planned):
   assert text == plan.markdown(report)
   assert "## v5e:2x2 (4 chips): 0 compiles" in text and "**fastest**" in text
   assert "The config's default (4x1x1, remat none, batch 8)" in text
-  assert "## v5e:2x4 (8 chips): 0 compiles" in text and "(from v5e:2x2)" in text
+  assert "## v5e:2x4 (8 chips): 0 compiles" in text and "(from v5e:2x2 4x1x1)" in text
   assert json.loads((out / "plan.json").read_text()) == report
   assert (out / "examples_per_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert text.strip() in second.stdout

@@ -18,7 +18,8 @@ extended sweep compiles only what is new. --jobs runs that many compiles at once
 
 Two more economies. Slices are planned smallest first, and a candidate whose per-chip program
 was searched on a smaller slice of the same chip (`twin_key`: same fsdp, tensor and remat)
-starts from that slice's largest batch: two compiles confirm it. Each remat policy has a
+starts from that slice's largest batch: two compiles confirm it (without a twin, from the
+nearest fsdp below, `seed_for`). Each remat policy has a
 compute ceiling, the examples/s that the roofline's compute bound alone allows on the slice
 (`train.aot.compute_ceiling`, analytic); policies are searched highest ceiling first, and
 with --prune a policy whose ceiling is below the fastest point already found is skipped.
@@ -370,6 +371,21 @@ def twin_key(chip: str, mesh: Mesh, remat: str) -> tuple:
   return chip, mesh.fsdp, mesh.tensor, remat
 
 
+def seed_for(seeds: dict, chip: str, mesh: Mesh, remat: str) -> dict | None:
+  """The search on a smaller slice that best predicts this candidate's boundary: its twin's
+  (`twin_key`); else, on a slice too small for a twin (v5e:4x4 has no fsdp 32), the one of
+  the same chip, tensor size and remat with the most fsdp below this one's. Past fsdp 16 the
+  weights' share of the chip's memory is under 0.4 GiB, so more fsdp changes little."""
+  if twin_key(chip, mesh, remat) in seeds:
+    return seeds[twin_key(chip, mesh, remat)]
+  below = [
+    (fsdp, seed)
+    for (c, fsdp, tensor, r), seed in seeds.items()
+    if (c, tensor, r) == (chip, mesh.tensor, remat) and fsdp < mesh.fsdp
+  ]
+  return max(below, key=lambda item: item[0])[1] if below else None
+
+
 # --- The plan ---
 
 
@@ -407,14 +423,14 @@ def plan_topology(
   """Every (mesh, remat) candidate's search, `jobs` of them at a time: the meshes, and the
   remat policies of `ceilings` (policy -> `aot.compute_ceiling`) highest ceiling first.
 
-  seeds: twin_key -> {"largest", "topology"} of searches on other slices; a candidate with a
-  twin starts from its largest batch (`search_candidate`), and this slice's results are
-  added for the slices after it. prune: a policy whose ceiling is below the fastest point
-  found so far is not searched (none of its candidates can be the fastest); its candidates
-  are reported as pruned."""
+  seeds: twin_key -> {"largest", "topology", "mesh"} of searches on smaller slices; a
+  candidate starts from the largest batch of its `seed_for` (`search_candidate`), and this
+  slice's results are added for the slices after it. prune: a policy whose ceiling is below
+  the fastest point found so far is not searched (none of its candidates can be the
+  fastest); its candidates are reported as pruned."""
 
   def plan_candidate(mesh, remat):
-    seed = seeds.get(twin_key(chip, mesh, remat))
+    seed = seed_for(seeds, chip, mesh, remat)
     found = search_candidate(
       compile_point, topology, mesh, remat, limit_of, cap, seed=seed and seed["largest"]
     )
@@ -422,7 +438,7 @@ def plan_topology(
       "mesh": str(mesh),
       "remat": remat,
       "predicted_per_replica": found["predicted"],
-      "predicted_from": seed["topology"] if seed else "line",
+      "predicted_from": f"{seed['topology']} {seed['mesh']}" if seed else "line",
       "largest_per_replica": found["largest"],
       "points": {
         str(b): {
@@ -474,7 +490,10 @@ def plan_topology(
     for remat in remats:
       largest = entries[(str(mesh), remat)].get("largest_per_replica")
       if largest:
-        seeds.setdefault(twin_key(chip, mesh, remat), {"largest": largest, "topology": topology})
+        seeds.setdefault(
+          twin_key(chip, mesh, remat),
+          {"largest": largest, "topology": topology, "mesh": str(mesh)},
+        )
   return {
     "candidates": [entries[(str(m), r)] for m in meshes for r in remats],
     "compute_ceiling": ceilings,
