@@ -86,6 +86,44 @@ def test_a_cached_compile_is_read_back_not_recompiled(tmp_path):
 
 
 @needs_libtpu
+def test_an_unchanged_config_and_code_is_not_lowered_again(tmp_path, monkeypatch):
+  """compile_report remembers the program key of each step it lowered under the config's
+  lowering_key (config, topology, source, versions, flags): the same config again reads its
+  figures without tracing or lowering the step; changed code lowers again (and finds the
+  program it already compiled); a changed config lowers and compiles anew."""
+  import copy
+
+  from ml_collections import config_flags  # noqa: F401 (configs import absl flags)
+
+  from configs import stage2
+  from train import aot
+
+  config, cache = stage2.get_config("tiny"), str(tmp_path / "c")
+  report = lambda c: aot.compile_report(copy.deepcopy(c), "v5e:2x2", cache)["tasks"]["importance"]
+  first = report(config)
+  lowered, program_key = [], aot.program_key
+  monkeypatch.setattr(aot, "program_key", lambda *a: lowered.append(a) or program_key(*a))
+  again = report(config)
+  assert not lowered and again["cached"] and not first["cached"]
+  assert {k: v for k, v in again.items() if k != "cached"} == {
+    k: v for k, v in first.items() if k != "cached"
+  }
+  monkeypatch.setattr(aot, "source_fingerprint", lambda: "other code")
+  code_changed = report(config)
+  assert len(lowered) == 1 and code_changed["cached"]
+  assert code_changed["program_key"] == first["program_key"]
+  bigger = copy.deepcopy(config)
+  bigger.data.global_batch_size = 16
+  assert not report(bigger)["cached"] and len(lowered) == 2
+  assert len(list((tmp_path / "c" / "lowered").glob("*.json"))) == 3
+  # what else decides the lowering
+  key = aot.lowering_key(config, "v5e:2x2")
+  assert key != aot.lowering_key(config, "v5e:2x4")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_some_flag=1")
+  assert key != aot.lowering_key(config, "v5e:2x2")
+
+
+@needs_libtpu
 def test_hbm_traffic_is_counted_through_the_gradient_accumulation_loop(tmp_path):
   # The accumulation loop carries no trip-count annotation: the count reads it off the loop.
   out = tmp_path / "report.json"

@@ -28,6 +28,8 @@ came back negative):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import hashlib
 import json
 import os
@@ -138,7 +140,9 @@ def compute_ceiling(config, topology: str) -> float:
 def compile_report(config, topology: str, cache_dir: str | None = None) -> dict:
   """The report of the config's train step(s) compiled for `topology`. With `cache_dir`, the
   compiler's figures of each step are read from there when that program was compiled before
-  (`compiler_figures`), and written there when it was not."""
+  (`compiler_figures`), and written there when it was not; and when this config was lowered
+  before by the same code (`lowering_key`, under cache_dir/lowered), its figures are found
+  without lowering the step again."""
   from train import modeling, trainer
   from train import step as step_lib
 
@@ -184,6 +188,14 @@ def compile_report(config, topology: str, cache_dir: str | None = None) -> dict:
   }
   attention = attention_lib.causal_attention_for(config.model.attention, mesh, "tpu")
   report["attention"] = attention_lib.attention_kernel(config.model.attention, "tpu")
+  # task -> program_key of this config's lowering with this code (`lowering_key`)
+  memo_path, programs = None, {}
+  if cache_dir:
+    memo_path = os.path.join(cache_dir, "lowered", lowering_key(config, topology) + ".json")
+    if os.path.exists(memo_path):
+      with open(memo_path) as f:
+        programs = json.load(f)
+  programs_read = dict(programs)
   for task in [t for t, count in zip(step_lib.TASKS, ratio) if count]:
     fields = step_lib.step_fields(task, cached)
     batch_shardings = step_lib.batch_shardings(mesh, spec, fields)
@@ -211,7 +223,12 @@ def compile_report(config, topology: str, cache_dir: str | None = None) -> dict:
       batch_shardings=batch_shardings,
       mesh=mesh,
     )
-    figures = compiler_figures(jitted.lower(params, frozen, opt_state, batch), topology, cache_dir)
+    figures = cached_figures(cache_dir, programs.get(task))
+    if figures is None:
+      figures = compiler_figures(
+        jitted.lower(params, frozen, opt_state, batch), topology, cache_dir
+      )
+      programs[task] = figures["program_key"]
     if "compile_error" in figures:
       report["tasks"][task] = {"fits": False, "hbm_bytes": chip.hbm_bytes, **figures}
       continue
@@ -249,6 +266,9 @@ def compile_report(config, topology: str, cache_dir: str | None = None) -> dict:
       "estimated_step_s": step_s,
       "implied_mfu": model_flops / (step_s * chips * chip.peak_bf16_flops),
     }
+  if memo_path and programs != programs_read:
+    os.makedirs(os.path.dirname(memo_path), exist_ok=True)
+    errors.write_atomically(memo_path, json.dumps(programs, indent=1, sort_keys=True))
   return report
 
 
@@ -289,17 +309,65 @@ def program_key(lowered, topology: str) -> str:
   return digest.hexdigest()[:32]
 
 
+# Besides jax, jaxlib and libtpu (`versions`), the packages that trace a config into a step.
+_TRACING_PACKAGES = ("flax", "optax", "numpy", "ml_dtypes")
+
+
+@functools.cache
+def source_fingerprint() -> str:
+  """SHA-256 of the Python source that turns a config into a train step: the library
+  (frameselect_jax) and train/."""
+  import frameselect_jax
+
+  digest = hashlib.sha256()
+  for package in (os.path.dirname(frameselect_jax.__file__), os.path.dirname(__file__)):
+    root = os.path.dirname(package)
+    for path in sorted(glob.glob(os.path.join(package, "**", "*.py"), recursive=True)):
+      digest.update(os.path.relpath(path, root).encode())
+      with open(path, "rb") as f:
+        digest.update(hashlib.sha256(f.read()).digest())
+  return digest.hexdigest()
+
+
+def lowering_key(config, topology: str) -> str:
+  """SHA-256 of what decides the programs a config lowers to: the config, the topology, this
+  code (`source_fingerprint`), the versions of the packages that trace and lower it, and the
+  compiler flags. `compile_report` remembers the program_key of each step it lowered under
+  this key, so a rerun with the same config and code neither traces nor lowers the step
+  again (a real-size step takes about 10 s to lower) to find its figures in the cache."""
+  import importlib.metadata
+
+  packages = {name: importlib.metadata.version(name) for name in _TRACING_PACKAGES}
+  flags = {name: os.environ.get(name, "") for name in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")}
+  what = {
+    "config": json.loads(config.to_json_best_effort(sort_keys=True)),
+    "topology": topology,
+    "source": source_fingerprint(),
+    **versions(),
+    **packages,
+    **flags,
+  }
+  return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cached_figures(cache_dir: str | None, key: str | None) -> dict | None:
+  """The figures of program `key` in `cache_dir`, or None when they are not there."""
+  path = key and cache_dir and os.path.join(cache_dir, key + ".json")
+  if not path or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return {**json.load(f), "cached": True, "program_key": key}
+
+
 def compiler_figures(lowered, topology: str, cache_dir: str | None = None) -> dict:
   """What only the compiler knows about one step: its memory per device, its FLOP and byte
   counts and its HBM traffic; or {"compile_error": ...} when the TPU compiler refuses it for
   lack of memory. "compile_s" is how long the compile took, "cached" whether it was read
-  from `cache_dir` (one JSON per program_key) instead."""
-  path = None
-  if cache_dir:
-    path = os.path.join(cache_dir, program_key(lowered, topology) + ".json")
-    if os.path.exists(path):
-      with open(path) as f:
-        return {**json.load(f), "cached": True}
+  from `cache_dir` (one JSON per "program_key") instead."""
+  key = program_key(lowered, topology)
+  found = cached_figures(cache_dir, key)
+  if found is not None:
+    return found
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -323,10 +391,10 @@ def compiler_figures(lowered, topology: str, cache_dir: str | None = None) -> di
       "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
     }
   figures["compile_s"] = time.perf_counter() - start
-  if path:
+  if cache_dir:
     os.makedirs(cache_dir, exist_ok=True)
-    errors.write_atomically(path, json.dumps(figures, indent=1))
-  return {**figures, "cached": False}
+    errors.write_atomically(os.path.join(cache_dir, key + ".json"), json.dumps(figures, indent=1))
+  return {**figures, "cached": False, "program_key": key}
 
 
 def format_report(report: dict) -> str:
