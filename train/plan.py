@@ -763,7 +763,14 @@ def markdown(plan: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+# Line style per remat policy in the plot (colour is the mesh).
+REMAT_STYLES = {"none": "-", "save_projections": "--", "save_attn_mlp": ":", "block": "-."}
+
+
 def plot(plan: dict, path: str) -> str:
+  """examples/s against the global batch, one panel per topology: each candidate's fitting
+  compiles (colour: mesh, line style: remat policy), each policy's compute ceiling as a thin
+  horizontal line of its style, the fastest point starred, the config's default crossed."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -772,19 +779,34 @@ def plot(plan: dict, path: str) -> str:
   from frameselect_jax import plot as plot_lib
 
   topologies = list(plan["topologies"])
-  figure, axes = plt.subplots(1, len(topologies), figsize=(5 * len(topologies), 4), squeeze=False)
+  figure, axes = plt.subplots(1, len(topologies), figsize=(5 * len(topologies), 6), squeeze=False)
   for ax, topology in zip(axes[0], topologies):
     p = plan["topologies"][topology]
+    meshes = list(dict.fromkeys(c["mesh"] for c in p["candidates"]))
+    colors = plt.get_cmap("tab10" if len(meshes) <= 10 else "tab20")
     for cand in p["candidates"]:
-      points = [v for v in cand["points"].values() if v.get("fits")]
-      if not points:
-        continue
-      points.sort(key=lambda v: v["global_batch"])
-      ax.plot(
-        [v["global_batch"] for v in points],
-        [v["examples_per_s"] for v in points],
-        marker="o",
-        label=f"{cand['mesh']} {cand['remat']}",
+      points = sorted(
+        (v for v in cand["points"].values() if v.get("fits")), key=lambda v: v["global_batch"]
+      )
+      if points:
+        ax.plot(
+          [v["global_batch"] for v in points],
+          [v["examples_per_s"] for v in points],
+          marker="o",
+          markersize=3,
+          linestyle=REMAT_STYLES.get(cand["remat"], "-"),
+          color=colors(meshes.index(cand["mesh"])),
+          label=f"{cand['mesh']} {cand['remat']}",
+        )
+    for remat, ceiling in p.get("compute_ceiling", {}).items():
+      ax.axhline(ceiling, color="grey", linewidth=0.7, linestyle=REMAT_STYLES.get(remat, "-"))
+      ax.annotate(
+        f"ceiling: {remat}",
+        (0.01, ceiling),
+        xycoords=("axes fraction", "data"),
+        fontsize=6,
+        color="grey",
+        va="bottom",
       )
     marks = []
     if p["fastest"]:
@@ -808,7 +830,7 @@ def plot(plan: dict, path: str) -> str:
     ax.set_xlabel("global batch (fitting compiles)")
     ax.set_ylabel("estimated examples/s")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
   figure.tight_layout()
   plot_lib.save_figure(figure, path)
   plt.close(figure)
