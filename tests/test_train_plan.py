@@ -189,6 +189,8 @@ def test_a_seed_from_a_twin_slice_costs_two_compiles_when_it_is_right():
 def fake_plan_topology(topology, chip, seeds, prune=False, ceilings=None):
   """plan_topology over made-up compiles: memory 10 + 3 b (+ 20 with tensor 1, the whole
   weights), limit 90; examples/s 100 (none), 60 (block) at every batch."""
+  from configs import stage2
+
   calls = []
 
   def compile_point(topology, mesh, remat, global_batch):
@@ -216,9 +218,7 @@ def fake_plan_topology(topology, chip, seeds, prune=False, ceilings=None):
   bar, chips = Bar(), 4 if topology == "small" else 16
   meshes = [plan.Mesh(chips, 1, 1), plan.Mesh(chips // 2, 1, 2)]
   ceilings = ceilings or {"block": 61.0, "none": 101.0}
-  config = plan.point_config(
-    __import__("configs.stage2").stage2.get_config("tiny"), meshes[0], "none", 8
-  )
+  config = plan.point_config(stage2.get_config("tiny"), meshes[0], "none", 8)
   out = plan.plan_topology(
     config,
     topology,
