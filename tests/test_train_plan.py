@@ -270,7 +270,7 @@ def test_twin_candidates_on_a_larger_slice_start_from_the_smaller_ones_boundary(
   assert plan.seed_for(seeds, "v5e", plan.Mesh(1, 8, 2), "save_projections") is None
 
 
-def test_prune_skips_the_policies_whose_ceiling_is_below_the_fastest_found():
+def test_prune_skips_the_policies_whose_ceiling_is_below_the_fastest_found(tmp_path):
   pruned, calls = fake_plan_topology("small", "v5e", {}, prune=True)
   assert {remat for _, remat, _ in calls} == {"none"}  # block's ceiling 61 < 100 found
   by_remat = {(c["mesh"], c["remat"]): c for c in pruned["candidates"]}
@@ -316,6 +316,11 @@ def test_prune_skips_the_policies_whose_ceiling_is_below_the_fastest_found():
     }
   )
   assert text.count("not searched (pruned") == 2
+  png = plan.plot(
+    {"topologies": {"small": {**pruned, "chips": 4, "fastest": None, "default": {}}}},
+    str(tmp_path / "plan.png"),
+  )
+  assert open(png, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "Compute ceiling per remat policy" in text and "block 61.0, none 101.0" in text
   assert "The largest batch that fits: 80 (4x1x1/none)" in text
 

@@ -786,7 +786,8 @@ def plot(plan: dict, path: str) -> str:
     colors = plt.get_cmap("tab10" if len(meshes) <= 10 else "tab20")
     for cand in p["candidates"]:
       points = sorted(
-        (v for v in cand["points"].values() if v.get("fits")), key=lambda v: v["global_batch"]
+        (v for v in cand.get("points", {}).values() if v.get("fits")),
+        key=lambda v: v["global_batch"],
       )
       if points:
         ax.plot(
