@@ -315,14 +315,15 @@ def test_prune_skips_the_policies_whose_ceiling_is_below_the_fastest_found(tmp_p
       },
     }
   )
-  assert text.count("not searched (pruned") == 2
+  assert "Not searched (--prune), on any mesh: block (ceiling 61.0)" in text
+  assert "| block |" not in text and text.count("| none |") == 2
   png = plan.plot(
     {"topologies": {"small": {**pruned, "chips": 4, "fastest": None, "default": {}}}},
     str(tmp_path / "plan.png"),
   )
   assert open(png, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "Compute ceiling per remat policy" in text and "block 61.0, none 101.0" in text
-  assert "The largest batch that fits: 80 (4x1x1/none)" in text
+  assert "The largest batch that fits of those searched: 80 (4x1x1/none)" in text
 
 
 def test_the_fastest_point_is_not_always_the_largest_batch():

@@ -712,10 +712,6 @@ def markdown(plan: dict) -> str:
       name = f"{cand['mesh']}/{cand['remat']}"
       mark = "**fastest**" if fastest and name == fastest["candidate"] else ""
       if cand.get("pruned"):
-        lines.append(
-          f"| {cand['mesh']} | {cand['remat']} | not searched (pruned: its compute ceiling is "
-          "below the fastest point found) | | | | | | | | | |"
-        )
         continue
       if "at_largest" not in cand:
         lines.append(f"| {cand['mesh']} | {cand['remat']} | - / none fits | | | | | | | | | |")
@@ -734,12 +730,22 @@ def markdown(plan: dict) -> str:
         f"| {100 * b['implied_mfu']:.1f}% | {f['global_batch']}: {f['examples_per_s']:.1f} "
         f"| {mark} |"
       )
+    pruned = list(dict.fromkeys(c["remat"] for c in p["candidates"] if c.get("pruned")))
+    if pruned:
+      lines += [
+        "",
+        "Not searched (--prune), on any mesh: "
+        + ", ".join(f"{r} (ceiling {p['compute_ceiling'][r]:.1f})" for r in pruned)
+        + "; their compute ceilings are below the fastest point found"
+        + (f" ({fastest['examples_per_s']:.1f} examples/s)" if fastest else "")
+        + ", so none of their candidates can be the fastest.",
+      ]
     if p.get("largest"):
       g = p["largest"]
       lines += [
         "",
-        f"The largest batch that fits: {g['global_batch']} ({g['candidate']}), "
-        f"{g['examples_per_s']:.1f} examples/s.",
+        f"The largest batch that fits{' of those searched' if pruned else ''}: "
+        f"{g['global_batch']} ({g['candidate']}), {g['examples_per_s']:.1f} examples/s.",
       ]
     d = p["default"]
     if "examples_per_s" in d:
