@@ -472,6 +472,39 @@ def test_stopping_the_planner_ends_its_compile_workers(tmp_path, stop):
     proc.kill()
 
 
+@needs_libtpu
+def test_a_compile_process_that_dies_ends_the_planner_with_one_line(tmp_path):
+  """A compile process killed from outside (as the kernel's out-of-memory killer does) ends
+  the planner with status 1 and one line naming the point and what to do."""
+  import signal
+  import time
+
+  import psutil
+
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "train.plan", *ARGS, f"--out={tmp_path}"],
+    cwd=REPO,
+    env=env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    planner, workers, deadline = psutil.Process(proc.pid), [], time.monotonic() + 300
+    while not workers and time.monotonic() < deadline and proc.poll() is None:
+      workers = [p for p in planner.children() if "spawn_main" in " ".join(p.cmdline())]
+      time.sleep(0.2)
+    assert workers, "the planner started no compile worker"
+    workers[0].send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 1, stderr[-2000:]
+  (line,) = [x for x in stderr.splitlines() if x.startswith("error:")]
+  assert "a compile process died while compiling v5e:" in line and "--jobs" in line
+  assert "Traceback" not in stderr
+
+
 class CacheMiss(Exception):
   pass
 

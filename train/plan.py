@@ -44,6 +44,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -163,6 +164,23 @@ def exit_with_parent(parent_pid: int) -> None:
   threading.Thread(target=watch, daemon=True).start()
 
 
+class CompileWorkerDied(RuntimeError):
+  """A compile process ended without an answer: the kernel's out-of-memory killer, mostly."""
+
+
+def compile_in_worker(config, topology: str, cache_dir: str | None) -> dict:
+  """`aot.compile_report` in a compile process, which then drops jax's caches: they keep every
+  program lowered and compiled so far, and a worker that had compiled a few real-size points
+  held 12.5 GB when the kernel killed it (two such workers do not fit a 24 GB host)."""
+  import jax
+
+  from train import aot
+
+  report = aot.compile_report(config, topology, cache_dir)
+  jax.clear_caches()
+  return report
+
+
 class Compiler:
   """Compiles points through `train.aot.compile_report`, whose cache (one file per lowered
   program, under cache_dir) answers every program compiled before; counts the programs it
@@ -193,7 +211,14 @@ class Compiler:
     if self._pool is None:
       report = aot.compile_report(config, topology, self.cache_dir)
     else:
-      report = self._pool.submit(aot.compile_report, config, topology, self.cache_dir).result()
+      try:
+        report = self._pool.submit(compile_in_worker, config, topology, self.cache_dir).result()
+      except BrokenProcessPool:
+        raise CompileWorkerDied(
+          f"a compile process died while compiling {topology} {mesh} {remat} batch "
+          f"{global_batch}, most likely out of host memory (a real-size compile needs up to "
+          "about 8 GB); what was compiled before is in the cache: rerun with fewer --jobs"
+        ) from None
     with self._lock:
       self.programs[(topology, str(mesh), remat, global_batch)] = sum(
         task["compile_s"] for task in report["tasks"].values()
@@ -883,6 +908,10 @@ def main(argv):
     errors.exit_with(str(e), prefix="config error")
   except errors.InputError as e:
     errors.exit_with(str(e))
+  except CompileWorkerDied as e:
+    print(f"error: {e}", file=sys.stderr)
+    errors.mute_stderr()
+    sys.exit(1)
   paths = write_reports(plan, f.out)
   print(markdown(plan))
   print(f"wrote {paths['md']}, {paths['json']} and {paths['png']}", file=sys.stderr)
