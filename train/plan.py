@@ -927,6 +927,13 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     errors.mute_stderr()
     sys.exit(1)
+  except KeyboardInterrupt:
+    # Exit now: a normal exit joins the process pool, which waits for a worker still being
+    # spawned when Ctrl-C came (not yet in the pool's list, so not terminated). Every worker
+    # exits with its parent (exit_with_parent); what was compiled is in the cache.
+    print("interrupted; what was compiled is in the cache", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
   paths = write_reports(plan, f.out)
   print(markdown(plan))
   print(f"wrote {paths['md']}, {paths['json']} and {paths['png']}", file=sys.stderr)
