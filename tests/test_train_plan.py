@@ -441,13 +441,25 @@ def test_the_reports_are_written_and_read_back(planned):
   assert text.strip() in second.stdout
 
 
+def compile_workers(proc, count: int) -> list:
+  """The planner's compile processes, once `count` of them have started (within 300 s)."""
+  import time
+
+  import psutil
+
+  planner, workers, deadline = psutil.Process(proc.pid), [], time.monotonic() + 300
+  while len(workers) < count and time.monotonic() < deadline and proc.poll() is None:
+    workers = [p for p in planner.children() if "spawn_main" in " ".join(p.cmdline())]
+    time.sleep(0.2)
+  return workers
+
+
 @needs_libtpu
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL"])
 def test_stopping_the_planner_ends_its_compile_workers(tmp_path, stop):
   """Ctrl-C, or a kill that leaves no time to clean up, ends the planner's compile processes
   too: none is left compiling or waiting for work."""
   import signal
-  import time
 
   import psutil
 
@@ -459,10 +471,7 @@ def test_stopping_the_planner_ends_its_compile_workers(tmp_path, stop):
     stderr=subprocess.DEVNULL,
   )
   try:
-    planner, workers, deadline = psutil.Process(proc.pid), [], time.monotonic() + 300
-    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
-      workers = [p for p in planner.children() if "spawn_main" in " ".join(p.cmdline())]
-      time.sleep(0.2)
+    workers = compile_workers(proc, 2)
     assert len(workers) == 2, "the planner did not start its two compile workers"
     proc.send_signal(getattr(signal, stop))
     proc.wait(timeout=60)
@@ -477,9 +486,6 @@ def test_a_compile_process_that_dies_ends_the_planner_with_one_line(tmp_path):
   """A compile process killed from outside (as the kernel's out-of-memory killer does) ends
   the planner with status 1 and one line naming the point and what to do."""
   import signal
-  import time
-
-  import psutil
 
   proc = subprocess.Popen(
     [sys.executable, "-m", "train.plan", *ARGS, f"--out={tmp_path}"],
@@ -490,10 +496,7 @@ def test_a_compile_process_that_dies_ends_the_planner_with_one_line(tmp_path):
     text=True,
   )
   try:
-    planner, workers, deadline = psutil.Process(proc.pid), [], time.monotonic() + 300
-    while not workers and time.monotonic() < deadline and proc.poll() is None:
-      workers = [p for p in planner.children() if "spawn_main" in " ".join(p.cmdline())]
-      time.sleep(0.2)
+    workers = compile_workers(proc, 1)
     assert workers, "the planner started no compile worker"
     workers[0].send_signal(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
