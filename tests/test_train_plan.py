@@ -469,6 +469,9 @@ def test_stopping_the_planner_ends_its_compile_workers(tmp_path, stop):
     env=env(),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
+    # Ctrl-C at a terminal reaches a process whose SIGINT is the default. A suite started as a
+    # shell's background job has SIGINT ignored, and the planner would inherit that.
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   try:
     workers = compile_workers(proc, 2)
