@@ -250,3 +250,40 @@ def test_the_program_key_does_not_depend_on_where_the_environment_lives():
   assert here == aot.portable_program_text(program("/tmp/clone/.venv/lib/site-packages"))
   assert "_flash_attention_kernel" in here and here.endswith(": f32")
   assert aot.portable_program_text(program("/work/.venv", "bf16")) != here
+
+
+def test_the_source_fingerprint_covers_the_code_that_traces_the_step(tmp_path):
+  """An edit to the library or to the step's modules changes source_fingerprint (so lowering
+  memos written by the old code are not read); an edit to the planner's or the compile
+  command's own module, which reach the program only through the config, does not."""
+  import os
+  import shutil
+
+  for package in ("frameselect_jax", "train"):
+    shutil.copytree(
+      os.path.join(REPO, package), tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
+    )
+
+  def fingerprint():
+    return subprocess.run(
+      [sys.executable, "-c", "from train import aot; print(aot.source_fingerprint())"],
+      cwd=tmp_path,
+      env={**env(), "PYTHONPATH": str(tmp_path)},
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
+
+  def edit(path):
+    with open(tmp_path / path, "a") as f:
+      f.write("\n# an edit\n")
+
+  original = fingerprint()
+  edit("train/plan.py")
+  edit("train/compile.py")
+  assert fingerprint() == original
+  edit("train/step.py")
+  after_step = fingerprint()
+  assert after_step != original
+  edit("frameselect_jax/__init__.py")
+  assert fingerprint() not in (original, after_step)

@@ -313,16 +313,23 @@ def program_key(lowered, topology: str) -> str:
 _TRACING_PACKAGES = ("flax", "optax", "numpy", "ml_dtypes")
 
 
+# train/ modules that only choose configs and report: what they decide reaches the program
+# through the config, which lowering_key holds, so editing them keeps the memos.
+_NOT_TRACED = ("compile.py", "plan.py")
+
+
 @functools.cache
 def source_fingerprint() -> str:
   """SHA-256 of the Python source that turns a config into a train step: the library
-  (frameselect_jax) and train/."""
+  (frameselect_jax) and train/, less `_NOT_TRACED`."""
   import frameselect_jax
 
   digest = hashlib.sha256()
   for package in (os.path.dirname(frameselect_jax.__file__), os.path.dirname(__file__)):
     root = os.path.dirname(package)
     for path in sorted(glob.glob(os.path.join(package, "**", "*.py"), recursive=True)):
+      if package == os.path.dirname(__file__) and os.path.basename(path) in _NOT_TRACED:
+        continue
       digest.update(os.path.relpath(path, root).encode())
       with open(path, "rb") as f:
         digest.update(hashlib.sha256(f.read()).digest())

@@ -728,7 +728,9 @@ def markdown(plan: dict) -> str:
     + f". Learning rate: {c['lr']:g} at the config's batch {c['global_batch']}, scaling "
     f"{c['lr_scaling']}"
     + (f" from batch {c['lr_reference_batch']}" if c["lr_scaling"] != "none" else "")
-    + ". Step time is a roofline: the largest of the compute, HBM and ICI bounds.",
+    + ". Step time is a roofline: the largest of the compute, HBM and ICI bounds. The fastest "
+    f"is the point with the most examples/s, or among those within {100 * FASTEST_TOLERANCE:g}% "
+    "of it the one with the largest global batch (fewer steps per epoch).",
   ]
   for topology, p in plan["topologies"].items():
     lines += [
