@@ -463,16 +463,20 @@ def test_stopping_the_planner_ends_its_compile_workers(tmp_path, stop):
 
   import psutil
 
-  proc = subprocess.Popen(
-    [sys.executable, "-m", "train.plan", *ARGS, f"--out={tmp_path}", "--max_per_replica=4096"],
-    cwd=REPO,
-    env=env(),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-    # Ctrl-C at a terminal reaches a process whose SIGINT is the default. A suite started as a
-    # shell's background job has SIGINT ignored, and the planner would inherit that.
-    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-  )
+  # Ctrl-C at a terminal reaches a process whose SIGINT is the default. A suite started as a
+  # shell's background job has SIGINT ignored, which the planner would inherit; a handled
+  # signal, unlike an ignored one, is back at the default after exec.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    proc = subprocess.Popen(
+      [sys.executable, "-m", "train.plan", *ARGS, f"--out={tmp_path}", "--max_per_replica=4096"],
+      cwd=REPO,
+      env=env(),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+    )
+  finally:
+    signal.signal(signal.SIGINT, previous)
   try:
     workers = compile_workers(proc, 2)
     assert len(workers) == 2, "the planner did not start its two compile workers"
