@@ -930,9 +930,9 @@ def main(argv):
     errors.mute_stderr()
     sys.exit(1)
   except KeyboardInterrupt:
-    # Exit now: a normal exit joins the process pool, which waits for a worker still being
-    # spawned when Ctrl-C came (not yet in the pool's list, so not terminated). Every worker
-    # exits with its parent (exit_with_parent); what was compiled is in the cache.
+    # Exit now rather than join the process pool at interpreter exit, which can wait on a
+    # compile under way: every worker exits with its parent (exit_with_parent), and what was
+    # compiled is in the cache.
     print("interrupted; what was compiled is in the cache", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(130)
