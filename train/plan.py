@@ -14,7 +14,8 @@ must not fit; when the prediction is off, the search narrows the bracket between
 known to fit and not to fit (`search_candidate`). Every compile is the train step the trainer
 runs (`train.aot.compile_report`), and its figures are cached on disk under the hash of the
 lowered program, the topology and the versions (`train.aot.program_key`), so a rerun or an
-extended sweep compiles only what is new. --jobs runs that many compiles at once.
+extended sweep compiles only what is new. --jobs runs that many compiles at once, each in
+its own process; when one dies (host memory), the plan goes on one compile at a time.
 
 Two more economies. Slices are planned smallest first, and a candidate whose per-chip program
 was searched on a smaller slice of the same chip (`twin_key`: same fsdp, tensor and remat)
@@ -72,7 +73,10 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_string("out", "plan_out", "folder for plan.md, plan.json and examples_per_s.png.")
 flags.DEFINE_integer(
-  "jobs", 1, "compiles at a time, each in its own process (one CPU core and a few GiB each)."
+  "jobs",
+  1,
+  "compiles at a time, each in its own process (one CPU core and 5 to 18 GB each); when one "
+  "dies of host memory the plan goes on one at a time.",
 )
 flags.DEFINE_string(
   "cache_dir", None, "compiled figures, one JSON per program (default: <out>/compile_cache)."
@@ -165,7 +169,8 @@ def exit_with_parent(parent_pid: int) -> None:
 
 
 class CompileWorkerDied(RuntimeError):
-  """A compile process ended without an answer: the kernel's out-of-memory killer, mostly."""
+  """A compile process ended without an answer while it was the only one: the kernel's
+  out-of-memory killer, mostly."""
 
 
 # A compile process is replaced after this many points (`Compiler`): see `compile_in_worker`.
@@ -204,20 +209,51 @@ class Compiler:
 
   def __init__(self, config, cache_dir: str, hbm_bytes: float | None, jobs: int = 1):
     self.config, self.cache_dir, self.hbm_bytes = config, cache_dir, hbm_bytes
+    self.jobs = jobs
     self.compiles, self.cached, self.compile_s = 0, 0, 0.0
     self.progress = None  # a tqdm bar: its postfix counts the compiles
     # (topology, mesh, remat, global batch) -> seconds its compile took (when it was compiled)
     self.programs = {}
     self._lock = threading.Lock()
-    self._pool = None
-    if jobs > 1:
-      self._pool = concurrent.futures.ProcessPoolExecutor(
-        jobs,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=exit_with_parent,
-        initargs=(os.getpid(),),
-        max_tasks_per_child=POINTS_PER_WORKER,
-      )
+    self._pool = self._start_pool(jobs) if jobs > 1 else None
+
+  @staticmethod
+  def _start_pool(jobs: int):
+    return concurrent.futures.ProcessPoolExecutor(
+      jobs,
+      mp_context=multiprocessing.get_context("spawn"),
+      initializer=exit_with_parent,
+      initargs=(os.getpid(),),
+      max_tasks_per_child=POINTS_PER_WORKER,
+    )
+
+  def _compile_in_pool(self, config, topology: str, point: str) -> dict:
+    """One compile in a worker. When a worker dies (the kernel's out-of-memory killer, mostly:
+    two large compiles at once can outgrow the host), the compiles under way are lost; they
+    are compiled again, one at a time from then on. A death with one worker ends the plan."""
+    while True:
+      pool = self._pool
+      try:
+        return pool.submit(compile_in_worker, config, topology, self.cache_dir).result()
+      except BrokenProcessPool:
+        with self._lock:
+          if self._pool is pool:  # the first thread to see this pool broken decides
+            if self.jobs == 1:
+              raise CompileWorkerDied(
+                f"a compile process died while compiling {point}, one compile at a time, "
+                "most likely out of host memory (a real-size compile needs up to about 18 GB); "
+                "what was compiled before is in the cache: rerun on a host with more memory"
+              ) from None
+            pool.shutdown(wait=False, cancel_futures=True)
+            self.jobs, self._pool = 1, self._start_pool(1)
+            message = (
+              f"warning: a compile process died while compiling {point}, most likely out of "
+              "host memory; compiling again what was under way, one compile at a time from now"
+            )
+            if self.progress is not None:
+              self.progress.write(message, file=sys.stderr)
+            else:
+              print(message, file=sys.stderr)
 
   def __call__(self, topology: str, mesh: Mesh, remat: str, global_batch: int) -> dict:
     from train import aot
@@ -226,14 +262,8 @@ class Compiler:
     if self._pool is None:
       report = aot.compile_report(config, topology, self.cache_dir)
     else:
-      try:
-        report = self._pool.submit(compile_in_worker, config, topology, self.cache_dir).result()
-      except BrokenProcessPool:
-        raise CompileWorkerDied(
-          f"a compile process died while compiling {topology} {mesh} {remat} batch "
-          f"{global_batch}, most likely out of host memory (a real-size compile needs up to "
-          "about 8 GB); what was compiled before is in the cache: rerun with fewer --jobs"
-        ) from None
+      point = f"{topology} {mesh} {remat} batch {global_batch}"
+      report = self._compile_in_pool(config, topology, point)
     with self._lock:
       self.programs[(topology, str(mesh), remat, global_batch)] = sum(
         task["compile_s"] for task in report["tasks"].values()
