@@ -494,13 +494,13 @@ def test_stopping_the_planner_ends_its_compile_workers(tmp_path, stop):
     proc.kill()
 
 
-def start_plan(out, *extra):
+def start_plan(out, *extra, stderr=subprocess.PIPE):
   return subprocess.Popen(
     [sys.executable, "-m", "train.plan", *ARGS, f"--out={out}", *extra],
     cwd=REPO,
     env=env(),
     stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
+    stderr=stderr,
     text=True,
   )
 
@@ -549,14 +549,8 @@ def test_a_compile_process_that_dies_when_alone_ends_the_planner_with_one_line(t
   import psutil
 
   log = tmp_path / "stderr.txt"
-  with log.open("w") as stderr_file:
-    proc = subprocess.Popen(
-      [sys.executable, "-m", "train.plan", *ARGS, f"--out={tmp_path}"],
-      cwd=REPO,
-      env=env(),
-      stdout=subprocess.DEVNULL,
-      stderr=stderr_file,
-    )
+  with log.open("w") as stderr_file:  # a file, not a pipe: nothing reads it until the end
+    proc = start_plan(tmp_path, stderr=stderr_file)
   try:
     # Kill every compile process as it appears: the first death drops the planner to one
     # compile at a time, the next one ends it.

@@ -231,6 +231,8 @@ class Compiler:
     """One compile in a worker. When a worker dies (the kernel's out-of-memory killer, mostly:
     two large compiles at once can outgrow the host), the compiles under way are lost; they
     are compiled again, one at a time from then on. A death with one worker ends the plan."""
+    from tqdm import tqdm
+
     while True:
       pool = self._pool
       try:
@@ -246,14 +248,11 @@ class Compiler:
               ) from None
             pool.shutdown(wait=False, cancel_futures=True)
             self.jobs, self._pool = 1, self._start_pool(1)
-            message = (
+            tqdm.write(  # above the progress bar, when there is one
               f"warning: a compile process died while compiling {point}, most likely out of "
-              "host memory; compiling again what was under way, one compile at a time from now"
+              "host memory; compiling again what was under way, one compile at a time from now",
+              file=sys.stderr,
             )
-            if self.progress is not None:
-              self.progress.write(message, file=sys.stderr)
-            else:
-              print(message, file=sys.stderr)
 
   def __call__(self, topology: str, mesh: Mesh, remat: str, global_batch: int) -> dict:
     from train import aot
